@@ -1,0 +1,123 @@
+"""The backend protocol: what tunedrop asks of a fine-tuning platform.
+
+Every call returns at once (a serverless function never waits on training or deployment) and
+is idempotent: called again for the same run, it finds what the first call made by its
+deterministic name or tag instead of making a second one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from shared.runs import Run
+    from shared.training import TrainingConfig
+
+# Job statuses, with Azure ML's spelling.
+JOB_RUNNING = "Running"
+JOB_COMPLETED = "Completed"
+JOB_FAILED = "Failed"
+JOB_CANCELED = "Canceled"
+JOB_NOT_FOUND = "NotFound"
+
+# Deployment states.
+DEPLOY_CREATING = "creating"
+DEPLOY_READY = "ready"
+DEPLOY_FAILED = "failed"
+DEPLOY_MISSING = "missing"
+
+
+class BackendError(Exception):
+    """A backend call failed in a way the run should record; ``code`` is stable, the message says what to do."""
+
+    def __init__(self, message: str, code: str = "backend_error", retryable: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    name: str
+    status: str
+    error: str = ""
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in (JOB_COMPLETED, JOB_FAILED, JOB_CANCELED, JOB_NOT_FOUND)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class DeploymentInfo:
+    state: str
+    error: str = ""
+    error_code: str = ""
+
+
+@dataclass(frozen=True)
+class ScoringTarget:
+    url: str
+    key: str = field(repr=False)  # never printed, logged or returned
+
+
+class Backend(Protocol):
+    name: str
+
+    def submit_finetune(self, run: "Run", config: "TrainingConfig") -> str:
+        """Start the fine-tune for ``run``; returns the job name (the same one on a repeated call)."""
+
+    def get_job(self, job_name: str) -> JobInfo:
+        """Status, error and metrics of a job."""
+
+    def register_model(self, run: "Run") -> ModelRef:
+        """Register the job's output model with lineage to the run; the same version on a repeated call."""
+
+    def begin_deploy(self, run: "Run", model: ModelRef) -> str:
+        """Start creating the endpoint and deployment; returns the endpoint name, never waits."""
+
+    def get_deployment(self, endpoint_name: str) -> DeploymentInfo:
+        """Where the deployment is: creating, ready, failed or missing."""
+
+    def activate(self, endpoint_name: str) -> None:
+        """Send traffic to a ready deployment (Azure ML: 100 % to it)."""
+
+    def delete_endpoint(self, endpoint_name: str) -> None:
+        """Begin deleting the endpoint; a missing endpoint is not an error."""
+
+    def scoring_target(self, endpoint_name: str) -> ScoringTarget:
+        """URL and key to score against the endpoint."""
+
+
+def endpoint_name_for(run_id: str) -> str:
+    """Azure ML endpoint names: 3-32 chars, letters, digits and '-', starting with a letter."""
+    import hashlib
+
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:10]
+    stem = "".join(c for c in run_id.split("-")[0] if c.isalnum())[:14] or "run"
+    name = f"td-{stem}-{digest}"
+    return name[:32]
+
+
+def job_name_for(run_id: str) -> str:
+    return f"tunedrop-{run_id}"
+
+
+def get_backend(settings) -> Backend:
+    """The configured backend; its module (and its heavy imports) loads only now."""
+    if settings.backend == "local":
+        from shared.backends.local import LocalBackend
+
+        return LocalBackend(settings)
+    if settings.backend == "azureml":
+        from shared.backends.azureml import AzureMLBackend
+
+        return AzureMLBackend(settings)
+    raise BackendError(f"Unknown backend {settings.backend!r}: use local or azureml.", code="bad_setting")

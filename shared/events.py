@@ -1,0 +1,136 @@
+"""Azure ML run events (Event Grid schema), typed: read by `job_events`, sent by the local backend.
+
+Microsoft's own samples spell the data keys both camelCase and PascalCase and `runType` may be
+null, so keys are read case-insensitively and missing ones are tolerated.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+RUN_COMPLETED = "Microsoft.MachineLearningServices.RunCompleted"
+RUN_STATUS_CHANGED = "Microsoft.MachineLearningServices.RunStatusChanged"
+RUN_EVENT_TYPES = (RUN_COMPLETED, RUN_STATUS_CHANGED)
+
+#: Tag put on every fine-tune job so its events lead back to the tunedrop run.
+RUN_ID_TAG = "tunedrop_run_id"
+
+TERMINAL_STATUSES = ("Completed", "Failed", "Canceled")
+
+
+def _lower_keys(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {str(k).lower(): v for k, v in (mapping or {}).items()}
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """One Azure ML run event, whatever the casing of its data keys."""
+
+    id: str
+    event_type: str
+    topic: str
+    subject: str
+    data: Mapping[str, Any]
+
+    @classmethod
+    def from_function_event(cls, event) -> "RunEvent":
+        """From a ``func.EventGridEvent``."""
+        data = event.get_json()
+        return cls(
+            id=event.id or "",
+            event_type=event.event_type or "",
+            topic=event.topic or "",
+            subject=event.subject or "",
+            data=data if isinstance(data, Mapping) else {},
+        )
+
+    @property
+    def _data(self) -> dict[str, Any]:
+        return _lower_keys(self.data)
+
+    @property
+    def is_run_event(self) -> bool:
+        return self.event_type in RUN_EVENT_TYPES
+
+    @property
+    def run_id(self) -> str:
+        """The Azure ML run (job) name; from the data, else from the subject."""
+        value = self._data.get("runid")
+        if value:
+            return str(value)
+        parts = self.subject.split("/")
+        return parts[-1] if len(parts) >= 4 and parts[-2] == "runs" else ""
+
+    @property
+    def experiment_name(self) -> str:
+        return str(self._data.get("experimentname") or "")
+
+    @property
+    def run_type(self) -> str:
+        return str(self._data.get("runtype") or "")
+
+    @property
+    def run_tags(self) -> dict[str, Any]:
+        tags = self._data.get("runtags")
+        return dict(tags) if isinstance(tags, Mapping) else {}
+
+    @property
+    def run_properties(self) -> dict[str, Any]:
+        props = self._data.get("runproperties")
+        return dict(props) if isinstance(props, Mapping) else {}
+
+    @property
+    def tunedrop_run_id(self) -> str:
+        """The tunedrop run this job belongs to, from the job's tags (any casing)."""
+        return str(_lower_keys(self.run_tags).get(RUN_ID_TAG, "") or "")
+
+    @property
+    def run_status(self) -> str:
+        """`Completed` for RunCompleted; else the reported `runStatus` (e.g. Running, Failed, Canceled)."""
+        if self.event_type == RUN_COMPLETED:
+            return "Completed"
+        return str(self._data.get("runstatus") or "")
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.run_status in TERMINAL_STATUSES
+
+
+def run_event(
+    *,
+    status: str,
+    topic: str,
+    job_name: str,
+    experiment_name: str,
+    run_tags: Mapping[str, str],
+    run_properties: Mapping[str, str] | None = None,
+    experiment_id: str | None = None,
+) -> dict[str, Any]:
+    """An event shaped exactly as Azure ML publishes it to Event Grid (Event Grid schema)."""
+    experiment_id = experiment_id or str(uuid.uuid5(uuid.NAMESPACE_URL, experiment_name))
+    data: dict[str, Any] = {
+        "experimentId": experiment_id,
+        "experimentName": experiment_name,
+        "runId": job_name,
+        "runType": "azureml.PipelineRun",
+        "runTags": dict(run_tags),
+        "runProperties": dict(run_properties or {}),
+    }
+    if status == "Completed":
+        event_type = RUN_COMPLETED
+    else:
+        event_type = RUN_STATUS_CHANGED
+        data["runStatus"] = status
+    return {
+        "id": str(uuid.uuid4()),
+        "topic": topic,
+        "subject": f"experiments/{experiment_id}/runs/{job_name}",
+        "eventType": event_type,
+        "eventTime": datetime.now(timezone.utc).isoformat(),
+        "data": data,
+        "dataVersion": "2",
+        "metadataVersion": "1",
+    }

@@ -1,0 +1,337 @@
+"""The workflow of the seed notebook, split across events instead of blocking on each step.
+
+    ingest(blob)          validate -> quarantine, or submit the fine-tune          (blob trigger)
+    on_run_event(event)   job running / succeeded -> register -> begin deploy     (Event Grid)
+    sweep()               deployments ready -> traffic; idle -> delete; reconcile (timer)
+
+Every step is idempotent: the run store refuses stale transitions, the backend finds what an
+earlier attempt made, and a webhook goes out only from the call that made the state change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from shared import runs
+from shared.backends.base import (
+    DEPLOY_CREATING,
+    DEPLOY_READY,
+    JOB_COMPLETED,
+    JOB_RUNNING,
+    BackendError,
+    ModelRef,
+    get_backend,
+)
+from shared.events import RunEvent
+from shared.runs import Run, RunStore, utcnow
+from shared.settings import Settings
+from shared.training import TrainingConfig, TrainingConfigError
+from shared.webhooks import Outbox
+
+log = logging.getLogger("tunedrop.pipeline")
+
+#: Blob metadata keys with this prefix override training parameters for that one dataset.
+OVERRIDE_PREFIX = "tunedrop_"
+#: How long a validation claim holds before another delivery may take over (longest function run).
+CLAIM_LEASE = timedelta(minutes=10)
+#: Job statuses that mean "on its way"; Azure ML reports several before Running.
+ACTIVE_JOB_STATUSES = ("NotStarted", "Queued", "Preparing", "Provisioning", "Starting", "Running", "Finalizing")
+REPORT_ISSUES_KEPT = 20
+
+
+@dataclass
+class SweepResult:
+    ready: list[str] = field(default_factory=list)
+    torn_down: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    advanced: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _compact(report: dict[str, Any]) -> dict[str, Any]:
+    """The report as stored on the run record (Table properties are capped at 64 KiB)."""
+    return {**report, "errors": report["errors"][:REPORT_ISSUES_KEPT], "warnings": report["warnings"][:REPORT_ISSUES_KEPT]}
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, storage=None, backend=None, store: RunStore | None = None,
+                 outbox: Outbox | None = None):
+        from shared.storage import default_storage
+
+        self.settings = settings
+        self.storage = storage or default_storage()
+        self._backend = backend
+        self.store = store or RunStore.from_settings(settings, self.storage)
+        self.outbox = outbox or Outbox(settings, self.storage)
+
+    @property
+    def backend(self):
+        if self._backend is None:
+            self._backend = get_backend(self.settings)
+        return self._backend
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _move(self, run_id: str, target: str, event_type: str | None, data: dict[str, Any] | None = None,
+              **changes: Any) -> Run | None:
+        """Transition and, only if this call made the change, publish its webhook."""
+        moved = self.store.transition(run_id, target, **changes)
+        if moved is not None and event_type:
+            self.outbox.publish(run_id, event_type, {"state": moved.state, **(data or {})})
+        return moved
+
+    def _fail(self, run: Run, error: str, code: str = "") -> Run | None:
+        log.warning("run %s failed in %s: %s", run.run_id, run.state, error)
+        return self._move(run.run_id, runs.FAILED, "run.failed", {"error": error, "code": code, "failed_in": run.state},
+                          error=error)
+
+    def training_config(self, metadata: dict[str, str] | None) -> TrainingConfig:
+        config = TrainingConfig()
+        if self.settings.training_overrides:
+            try:
+                overrides = json.loads(self.settings.training_overrides)
+            except json.JSONDecodeError as exc:
+                raise TrainingConfigError(f"TUNEDROP_TRAINING_OVERRIDES is not JSON: {exc.msg}.") from None
+            config = config.with_overrides(overrides, "TUNEDROP_TRAINING_OVERRIDES")
+        per_blob = {k[len(OVERRIDE_PREFIX):].lower(): v for k, v in (metadata or {}).items()
+                    if k.lower().startswith(OVERRIDE_PREFIX)}
+        return config.with_overrides(per_blob, "blob metadata")
+
+    # ---- ingest -------------------------------------------------------------------------------
+
+    def ingest(self, blob) -> Run | None:
+        """One dataset blob version: claim its run, validate it streaming, then reject or submit."""
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+
+        from shared.validation import Issue, Report, validate_chunks
+
+        try:
+            props = blob.get_blob_properties()
+        except ResourceNotFoundError:
+            log.info("blob %s/%s is gone, nothing to ingest", blob.container_name, blob.blob_name)
+            return None
+        container, name, etag = blob.container_name, blob.blob_name, props.etag
+        run_id = runs.run_id_for(container, name, etag)
+        run, created = self.store.create(Run(
+            run_id, dataset_container=container, dataset_blob=name, dataset_etag=etag,
+            dataset_bytes=props.size, base_model=self.settings.effective_base_model,
+        ))
+        claimed = self.store.claim(run, CLAIM_LEASE)
+        if claimed is None:
+            log.info("run %s: already %s, duplicate delivery ignored", run_id, run.state)
+            return run
+        try:
+            try:
+                config = self.training_config(props.metadata)
+                report = validate_chunks(
+                    blob.download_blob(etag=etag, match_condition=MatchConditions.IfNotModified).chunks(),
+                    source=name, min_examples=self.settings.min_examples, max_errors=self.settings.max_errors,
+                    max_line_bytes=self.settings.max_line_bytes,
+                )
+            except TrainingConfigError as exc:
+                config = None
+                report = Report.rejected_with(Issue(code="bad_override", message=str(exc), field="metadata"))
+        except ResourceModifiedError:
+            # Overwritten while we read it: the new version has its own run; this one ends here.
+            return self._fail(claimed, "The blob was overwritten during validation; its new version is a new run.",
+                              "superseded")
+        except Exception as exc:
+            self.store.release(claimed, f"{type(exc).__name__}: {exc}")
+            raise
+        report_dict = report.to_dict()
+        if not report.accepted:
+            location = self._quarantine(blob, etag, run_id, report_dict)
+            return self._move(run_id, runs.REJECTED, "run.rejected",
+                              {"dataset": name, "report": report_dict, "summary": report.summary(), "quarantine": location},
+                              report=_compact(report_dict), error=report.summary())
+        self.outbox.publish(run_id, "run.accepted", {"dataset": name, "report": report_dict, "summary": report.summary()})
+        try:
+            job_name = self.backend.submit_finetune(claimed, config)
+        except BackendError as exc:
+            if exc.retryable:
+                self.store.release(claimed, str(exc))
+                raise
+            return self._fail(claimed, str(exc), exc.code)
+        except Exception as exc:
+            self.store.release(claimed, f"{type(exc).__name__}: {exc}")
+            raise
+        display_name = config.display_name(claimed.base_model)
+        return self._move(run_id, runs.SUBMITTED, "run.submitted",
+                          {"job_name": job_name, "display_name": display_name, "config": config.to_dict()},
+                          job_name=job_name, display_name=display_name, config=config.to_dict(),
+                          report=_compact(report_dict), error="")
+
+    def _quarantine(self, blob, etag: str, run_id: str, report: dict[str, Any]) -> dict[str, str]:
+        """Move the rejected blob to the quarantine container, its report beside it."""
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+
+        container = self.storage.blob_service.get_container_client(self.settings.quarantine_container)
+        try:
+            container.create_container()
+        except ResourceExistsError:
+            pass
+        base = f"{run_id}/{blob.blob_name.rsplit('/', 1)[-1]}"
+        source = blob.download_blob(etag=etag, match_condition=MatchConditions.IfNotModified)
+        container.upload_blob(base, source.chunks(), overwrite=True,
+                              metadata={"run_id": run_id, "source": f"{blob.container_name}/{blob.blob_name}"})
+        container.upload_blob(f"{base}.report.json", json.dumps(report, indent=2).encode(), overwrite=True)
+        try:
+            blob.delete_blob(etag=etag, match_condition=MatchConditions.IfNotModified)
+        except (ResourceModifiedError, ResourceNotFoundError):
+            pass  # overwritten or removed meanwhile: leave the newer version alone
+        return {"container": self.settings.quarantine_container, "blob": base, "report": f"{base}.report.json"}
+
+    # ---- job events -----------------------------------------------------------------------------
+
+    def on_run_event(self, event: RunEvent) -> Run | None:
+        """An Azure ML run event: move the run it belongs to; anything else is logged and acknowledged."""
+        if not event.is_run_event:
+            log.info("event %s: type %s is not a run event, ignored", event.id, event.event_type)
+            return None
+        if event.topic.lower() != self.settings.workspace_id.lower():
+            log.info("event %s: from another workspace (%s), ignored", event.id, event.topic)
+            return None
+        run_id = event.tunedrop_run_id
+        run = self.store.find(run_id) if run_id else None
+        if run is None:
+            log.info("event %s: job %s is not a tunedrop run, ignored", event.id, event.run_id)
+            return None
+        if event.run_id != run.job_name:
+            log.info("event %s: %s is a child step of %s, ignored", event.id, event.run_id, run.job_name)
+            return None
+        return self._on_job_status(run, event.run_status)
+
+    def _on_job_status(self, run: Run, status: str) -> Run | None:
+        if status in ACTIVE_JOB_STATUSES:
+            return self._move(run.run_id, runs.RUNNING, "run.running", {"job_name": run.job_name})
+        if status == JOB_COMPLETED:
+            job = self.backend.get_job(run.job_name)
+            moved = self._move(run.run_id, runs.SUCCEEDED, "run.succeeded",
+                               {"job_name": run.job_name, "metrics": job.metrics}, metrics=job.metrics)
+            return self.advance(moved or self.store.get(run.run_id))
+        if status in ("Failed", "Canceled", "NotFound"):
+            job = self.backend.get_job(run.job_name)
+            reason = job.error or f"Job {run.job_name} ended {status}."
+            return self._move(run.run_id, runs.FAILED, "run.failed",
+                              {"error": reason, "code": f"job_{status.lower()}", "failed_in": run.state}, error=reason)
+        log.info("run %s: job status %s, nothing to do", run.run_id, status)
+        return run
+
+    def advance(self, run: Run) -> Run:
+        """Drive a succeeded run through registration and the start of its deployment."""
+        for _ in range(4):
+            try:
+                if run.state == runs.SUCCEEDED:
+                    model = self.backend.register_model(run)
+                    moved = self._move(run.run_id, runs.REGISTERED, "model.registered",
+                                       {"model_name": model.name, "model_version": model.version},
+                                       model_name=model.name, model_version=model.version)
+                elif run.state == runs.REGISTERED:
+                    endpoint = self.backend.begin_deploy(run, ModelRef(run.model_name, run.model_version))
+                    moved = self._move(run.run_id, runs.DEPLOYING, "endpoint.deploying", {"endpoint_name": endpoint},
+                                       endpoint_name=endpoint, deploy_started_at=utcnow().isoformat())
+                else:
+                    return run
+            except BackendError as exc:
+                if exc.retryable:
+                    raise
+                return self._fail(run, str(exc), exc.code) or self.store.get(run.run_id)
+            run = moved or self.store.get(run.run_id)
+        return run
+
+    # ---- sweeper ------------------------------------------------------------------------------
+
+    def sweep(self, now: datetime | None = None) -> SweepResult:
+        """Finish ready deployments, tear down idle endpoints, reconcile jobs whose events were lost."""
+        now = now or utcnow()
+        result = SweepResult()
+        steps = {
+            runs.DEPLOYING: self._sweep_deploying,
+            runs.DEPLOYED: self._sweep_deployed,
+            runs.SUBMITTED: self._sweep_job,
+            runs.RUNNING: self._sweep_job,
+            runs.SUCCEEDED: self._sweep_advance,
+            runs.REGISTERED: self._sweep_advance,
+        }
+        for run in self.store.list(tuple(steps)):
+            try:
+                steps[run.state](run, now, result)
+            except Exception as exc:  # one broken run must not stop the sweep of the others
+                log.exception("sweep: run %s (%s) failed", run.run_id, run.state)
+                result.errors.append(f"{run.run_id}: {type(exc).__name__}: {exc}")
+        return result
+
+    def _sweep_deploying(self, run: Run, now: datetime, result: SweepResult) -> None:
+        info = self.backend.get_deployment(run.endpoint_name)
+        if info.state == DEPLOY_READY:
+            self.backend.activate(run.endpoint_name)
+            if self._move(run.run_id, runs.DEPLOYED, "endpoint.ready",
+                          {"endpoint_name": run.endpoint_name, "score_path": f"/api/runs/{run.run_id}/score"},
+                          deployed_at=now.isoformat()):
+                result.ready.append(run.run_id)
+            return
+        started = datetime.fromisoformat(run.deploy_started_at or run.updated_at)
+        timed_out = now - started > timedelta(minutes=self.settings.deploy_timeout_minutes)
+        if info.state == DEPLOY_CREATING and not timed_out:
+            return
+        error = info.error or f"Deployment not ready after {self.settings.deploy_timeout_minutes:g} minutes."
+        self.backend.delete_endpoint(run.endpoint_name)
+        if self._fail(run, error, info.error_code or "deployment_failed"):
+            result.failed.append(run.run_id)
+
+    def _sweep_deployed(self, run: Run, now: datetime, result: SweepResult) -> None:
+        last_used = datetime.fromisoformat(run.last_scored_at or run.deployed_at or run.updated_at)
+        idle = now - last_used
+        if idle < timedelta(minutes=self.settings.idle_minutes):
+            return
+        self.backend.delete_endpoint(run.endpoint_name)
+        if self._move(run.run_id, runs.TORN_DOWN, "endpoint.torn_down",
+                      {"endpoint_name": run.endpoint_name, "idle_minutes": round(idle.total_seconds() / 60, 2)}):
+            result.torn_down.append(run.run_id)
+
+    def _sweep_job(self, run: Run, now: datetime, result: SweepResult) -> None:
+        job = self.backend.get_job(run.job_name)
+        if job.is_terminal:
+            moved = self._on_job_status(run, job.status)
+            if moved is not None and moved.state == runs.FAILED:
+                result.failed.append(run.run_id)
+            else:
+                result.advanced.append(run.run_id)
+            return
+        submitted = datetime.fromisoformat(run.at(runs.SUBMITTED) or run.created_at)
+        if now - submitted > timedelta(minutes=self.settings.job_timeout_minutes):
+            if self._fail(run, f"Job {run.job_name} still {job.status} after "
+                               f"{self.settings.job_timeout_minutes:g} minutes.", "job_timeout"):
+                result.failed.append(run.run_id)
+        elif job.status == JOB_RUNNING and run.state == runs.SUBMITTED:
+            self._move(run.run_id, runs.RUNNING, "run.running", {"job_name": run.job_name})
+
+    def _sweep_advance(self, run: Run, now: datetime, result: SweepResult) -> None:
+        # Left behind by a crash between registration steps: carry on from where it stopped.
+        if now - datetime.fromisoformat(run.updated_at) > timedelta(minutes=2):
+            self.advance(run)
+            result.advanced.append(run.run_id)
+
+
+_lock = threading.Lock()
+_pipelines: dict[tuple, Pipeline] = {}
+
+
+def get_pipeline() -> Pipeline:
+    """The pipeline for the current settings, created once per process (clients are reused)."""
+    from shared.storage import default_storage
+
+    settings = Settings.from_env()
+    storage = default_storage()
+    key = (settings, id(storage))
+    with _lock:
+        if key not in _pipelines:
+            _pipelines[key] = Pipeline(settings, storage)
+        return _pipelines[key]

@@ -1,0 +1,161 @@
+"""Scoring: check the request, route it to the run's endpoint, map what can go wrong to clear answers.
+
+Accepts the seed's Azure ML request (`input_data.input_string` + `parameters`) and the OpenAI
+chat-completions request, so every OpenAI client works. Nothing heavy is imported here: this is
+on the hot path of the `score` function.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from shared import runs
+from shared.backends.base import BackendError
+
+log = logging.getLogger("tunedrop.scoring")
+
+MAX_BODY_BYTES = 1_048_576
+ROLES = ("system", "user", "assistant")
+#: How often a scored endpoint's last-use time is written (the idle timer needs minutes, not ms).
+LAST_USE_WRITE_EVERY = timedelta(seconds=30)
+SEED_FORMAT = "azureml"
+OPENAI_FORMAT = "openai"
+
+
+@dataclass
+class ScoreResponse:
+    status: int
+    body: dict
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ScoreRequestError(ValueError):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _check_messages(messages, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ScoreRequestError(f"{where} must be a non-empty list of messages.")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ScoreRequestError(f"{where}[{i}] must be an object with role and content.")
+        if message.get("role") not in ROLES:
+            raise ScoreRequestError(f"{where}[{i}].role must be one of {', '.join(ROLES)}.")
+        if not isinstance(message.get("content"), str):
+            raise ScoreRequestError(f"{where}[{i}].content must be a string.")
+
+
+def parse_request(body: bytes, fmt: str) -> dict:
+    """The request as JSON, checked; raises ScoreRequestError naming the field at fault."""
+    if len(body) > MAX_BODY_BYTES:
+        raise ScoreRequestError(f"Request body over {MAX_BODY_BYTES} bytes.", status=413)
+    try:
+        data = json.loads(body or b"")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ScoreRequestError(f"Body is not valid JSON: {getattr(exc, 'msg', 'bad encoding')}.") from None
+    if not isinstance(data, dict):
+        raise ScoreRequestError("Body must be a JSON object.")
+    if fmt == OPENAI_FORMAT:
+        _check_messages(data.get("messages"), "messages")
+        return data
+    input_data = data.get("input_data")
+    if not isinstance(input_data, dict):
+        raise ScoreRequestError("input_data must be an object with input_string and parameters.")
+    _check_messages(input_data.get("input_string"), "input_data.input_string")
+    parameters = input_data.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise ScoreRequestError("input_data.parameters must be an object.")
+    return data
+
+
+class Scorer:
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        self._client = None
+        self._client_lock = threading.Lock()
+        self._last_write: dict[str, float] = {}
+
+    @property
+    def client(self):
+        with self._client_lock:
+            if self._client is None:
+                import httpx
+
+                self._client = httpx.Client(timeout=self.pipeline.settings.score_timeout_s)
+            return self._client
+
+    def score(self, run_id: str, body: bytes, fmt: str = SEED_FORMAT) -> ScoreResponse:
+        try:
+            request = parse_request(body, fmt)
+        except ScoreRequestError as exc:
+            return ScoreResponse(exc.status, {"error": str(exc)})
+        run = self.pipeline.store.find(run_id)
+        if run is None:
+            return ScoreResponse(404, {"error": f"No run {run_id}."})
+        if run.state == runs.DEPLOYING:
+            return ScoreResponse(503, {"error": f"Run {run_id}: endpoint is still deploying."}, {"Retry-After": "30"})
+        if run.state != runs.DEPLOYED:
+            return ScoreResponse(409, {"error": f"Run {run_id} is {run.state}; only a deployed run can score.",
+                                       "state": run.state})
+        try:
+            target = self.pipeline.backend.scoring_target(run.endpoint_name)
+        except BackendError as exc:
+            return ScoreResponse(503, {"error": f"Run {run_id}: endpoint unavailable ({exc.code})."}, {"Retry-After": "30"})
+        url = target.url if fmt == SEED_FORMAT else target.url.rsplit("/", 1)[0] + "/v1/chat/completions"
+        response = self._forward(url, target.key, request)
+        if response.status == 200:
+            self._touch(run)
+        return response
+
+    def _forward(self, url: str, key: str, request: dict) -> ScoreResponse:
+        import httpx
+
+        try:
+            reply = self.client.post(url, json=request, headers={"Authorization": f"Bearer {key}"})
+        except httpx.TimeoutException:
+            return ScoreResponse(504, {"error": "The endpoint did not answer in time."}, {"Retry-After": "10"})
+        except httpx.HTTPError:
+            return ScoreResponse(503, {"error": "The endpoint is not reachable."}, {"Retry-After": "30"})
+        if reply.status_code == 200:
+            return ScoreResponse(200, reply.json())
+        if reply.status_code == 429:
+            return ScoreResponse(429, {"error": "The endpoint is busy."}, {"Retry-After": reply.headers.get("Retry-After", "5")})
+        if reply.status_code == 400:
+            return ScoreResponse(400, {"error": _error_text(reply)})
+        log.warning("endpoint answered HTTP %d", reply.status_code)
+        return ScoreResponse(502, {"error": f"The endpoint failed (HTTP {reply.status_code})."}, {"Retry-After": "10"})
+
+    def _touch(self, run) -> None:
+        now = time.monotonic()
+        if now - self._last_write.get(run.run_id, -1e9) < LAST_USE_WRITE_EVERY.total_seconds():
+            return
+        self._last_write[run.run_id] = now
+        try:
+            self.pipeline.store.update(run.run_id, last_scored_at=runs.utcnow().isoformat())
+        except runs.RunStoreError as exc:
+            log.warning("run %s: could not record last use: %s", run.run_id, exc)
+
+
+def _error_text(reply) -> str:
+    try:
+        return str(reply.json().get("error", "Bad request."))
+    except ValueError:
+        return "Bad request."
+
+
+_scorers: dict[int, Scorer] = {}
+
+
+def get_scorer(pipeline) -> Scorer:
+    """One Scorer (and HTTP connection pool) per pipeline, per process."""
+    scorer = _scorers.get(id(pipeline))
+    if scorer is None:
+        scorer = _scorers[id(pipeline)] = Scorer(pipeline)
+    return scorer

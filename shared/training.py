@@ -1,0 +1,110 @@
+"""Training parameters: one dataclass, the seed's defaults, help on every field.
+
+The same object feeds both backends: the Azure ML `chat_completion_pipeline` inputs and the
+local LoRA trainer. Per-run overrides and `TUNEDROP_TRAINING_OVERRIDES` are merged with
+:meth:`TrainingConfig.with_overrides`, which rejects unknown keys and bad values by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+
+def _param(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+class TrainingConfigError(ValueError):
+    """An override names an unknown parameter or gives it a value of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    num_train_epochs: int = _param(3, "Passes over the training set (seed: 3).")
+    per_device_train_batch_size: int = _param(1, "Examples per device per training step (seed: 1).")
+    per_device_eval_batch_size: int = _param(1, "Examples per device per evaluation step (seed: 1).")
+    learning_rate: float = _param(5e-6, "Peak learning rate (seed: 5e-6).")
+    lr_scheduler_type: str = _param("cosine", "Learning-rate schedule: cosine, linear or constant (seed: cosine).")
+    gradient_accumulation_steps: int = _param(1, "Steps whose gradients are summed before an update.")
+    apply_lora: bool = _param(True, "Train LoRA adapters instead of all weights (seed: true).")
+    lora_r: int = _param(16, "LoRA rank.")
+    lora_alpha: int = _param(32, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = _param(0.0, "Dropout on the LoRA path.")
+    apply_deepspeed: bool = _param(True, "Azure ML only: shard with DeepSpeed (seed: true).")
+    deepspeed_stage: int = _param(2, "Azure ML only: DeepSpeed ZeRO stage (seed: 2).")
+    num_nodes_finetune: int = _param(1, "Azure ML only: nodes for the fine-tune step.")
+    save_total_limit: int = _param(1, "Checkpoints kept during training.")
+    max_seq_length: int = _param(512, "Tokens per example; longer examples are truncated.")
+    test_fraction: float = _param(0.1, "Share of a single dropped file held out as the test split.")
+    max_steps: int = _param(0, "Stop after this many optimiser steps (0: run all epochs). For quick local runs.")
+    seed: int = _param(42, "Random seed for the split, LoRA initialisation and data order.")
+
+    def with_overrides(self, overrides: dict[str, Any] | None, source: str = "overrides") -> "TrainingConfig":
+        if not overrides:
+            return self
+        known = {f.name: f for f in fields(self)}
+        changes = {}
+        for key, value in overrides.items():
+            if key not in known:
+                raise TrainingConfigError(
+                    f"{source}: unknown training parameter {key!r}; known: {', '.join(sorted(known))}."
+                )
+            changes[key] = _coerce(known[key], value, source)
+        merged = replace(self, **changes)
+        merged.check(source)
+        return merged
+
+    def check(self, source: str = "training config") -> None:
+        positive = ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "lora_r", "max_seq_length", "num_nodes_finetune")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise TrainingConfigError(f"{source}: {name} must be > 0, got {getattr(self, name)}.")
+        if not 0 < self.learning_rate < 1:
+            raise TrainingConfigError(f"{source}: learning_rate must be in (0, 1), got {self.learning_rate}.")
+        if not 0 <= self.test_fraction < 1:
+            raise TrainingConfigError(f"{source}: test_fraction must be in [0, 1), got {self.test_fraction}.")
+        if self.lr_scheduler_type not in ("cosine", "linear", "constant"):
+            raise TrainingConfigError(
+                f"{source}: lr_scheduler_type {self.lr_scheduler_type!r}: use cosine, linear or constant."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def display_name(self, model_name: str) -> str:
+        """The job's display name, built the way the seed notebook builds it."""
+        deepspeed = f"ds{self.deepspeed_stage}" if self.apply_deepspeed else "nods"
+        lora = "lora" if self.apply_lora else "nolora"
+        return (
+            f"{model_name}-ultrachat-bs{self.per_device_train_batch_size}-{self.lr_scheduler_type}"
+            f"-{deepspeed}-{lora}-save_limit{self.save_total_limit}-seqlen{self.max_seq_length}"
+        )
+
+
+def _coerce(f, value: Any, source: str):
+    kind = type(f.default)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes"):
+                return True
+            if text in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise TrainingConfigError(
+            f"{source}: {f.name} must be a {kind.__name__}, got {value!r}."
+        ) from None

@@ -1,0 +1,153 @@
+"""Outbound webhooks: signed per Standard Webhooks, written to an outbox queue, delivered by `notify`.
+
+Each state change publishes one message per receiver URL. The webhook id is derived from the run
+and the event type, so a repeated publish carries the same id and receivers can dedupe on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+log = logging.getLogger("tunedrop.webhooks")
+
+#: The events a receiver can get, in the order a successful run emits them.
+EVENT_TYPES = (
+    "run.accepted",
+    "run.rejected",
+    "run.submitted",
+    "run.running",
+    "run.succeeded",
+    "run.failed",
+    "model.registered",
+    "endpoint.deploying",
+    "endpoint.ready",
+    "endpoint.torn_down",
+)
+
+
+class WebhookError(Exception):
+    """Base class of webhook errors."""
+
+
+class WebhookDeliveryError(WebhookError):
+    """The receiver did not answer 2xx; the queue retries, then keeps the message in the poison queue."""
+
+
+def _secret_bytes(secret: str) -> bytes:
+    if not secret.startswith("whsec_"):
+        raise WebhookError("Webhook secret must start with 'whsec_' (generate one with `tunedrop secret`).")
+    return base64.b64decode(secret[len("whsec_"):])
+
+
+def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header value: `v1,` + base64(HMAC-SHA256(id.timestamp.body))."""
+    content = f"{webhook_id}.{timestamp}.".encode() + body
+    digest = hmac.new(_secret_bytes(secret), content, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def new_secret() -> str:
+    import secrets
+
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def webhook_id(run_id: str, event_type: str) -> str:
+    return "msg_" + hashlib.sha256(f"{run_id}:{event_type}".encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """One webhook for one receiver, as it sits in the outbox queue (no secret in it)."""
+
+    id: str
+    url: str
+    payload: dict[str, Any]
+
+    def to_json(self) -> bytes:
+        return json.dumps({"id": self.id, "url": self.url, "payload": self.payload}, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "OutboxMessage":
+        data = json.loads(raw)
+        return cls(id=data["id"], url=data["url"], payload=data["payload"])
+
+
+class Outbox:
+    def __init__(self, settings, storage=None):
+        from shared.storage import default_storage
+
+        self._settings = settings
+        self._storage = storage or default_storage()
+        self._queue = None
+
+    def _queue_client(self):
+        if self._queue is None:
+            from azure.core.exceptions import ResourceExistsError
+
+            self._queue = self._storage.queue(self._settings.webhook_queue)
+            try:
+                self._queue.create_queue()
+            except ResourceExistsError:
+                pass
+        return self._queue
+
+    def publish(self, run_id: str, event_type: str, data: dict[str, Any]) -> list[OutboxMessage]:
+        """Queue ``event_type`` for every receiver; returns what was queued (nothing without URLs)."""
+        if event_type not in EVENT_TYPES:
+            raise WebhookError(f"Unknown webhook event type {event_type!r}.")
+        if not self._settings.webhook_urls:
+            return []
+        payload = {
+            "type": event_type,
+            "timestamp": datetime.now(timezone.utc).isoformat(),
+            "data": {"run_id": run_id, **data},
+        }
+        messages = [OutboxMessage(webhook_id(run_id, event_type), url, payload) for url in self._settings.webhook_urls]
+        queue = self._queue_client()
+        for message in messages:
+            queue.send_message(message.to_json())
+        log.info("run %s: queued %s for %d receiver(s)", run_id, event_type, len(messages))
+        return messages
+
+
+def deliver(message: OutboxMessage, secret: str, timeout_s: float = 10.0, client=None) -> int:
+    """POST one webhook, signed; returns the status code, raises WebhookDeliveryError unless 2xx."""
+    import httpx
+
+    body = json.dumps(message.payload, separators=(",", ":")).encode()
+    timestamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "webhook-id": message.id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, message.id, timestamp, body),
+        "user-agent": "tunedrop-webhooks/1",
+    }
+    try:
+        if client is None:
+            with httpx.Client(timeout=timeout_s, follow_redirects=False) as own:
+                response = own.post(message.url, content=body, headers=headers)
+        else:
+            response = client.post(message.url, content=body, headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise WebhookDeliveryError(f"{message.payload['type']} to {_host(message.url)}: {type(exc).__name__}") from None
+    if not 200 <= response.status_code < 300:
+        raise WebhookDeliveryError(f"{message.payload['type']} to {_host(message.url)}: HTTP {response.status_code}")
+    return response.status_code
+
+
+def _host(url: str) -> str:
+    """Only scheme and host of a receiver URL: its path or query may carry a token."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}"

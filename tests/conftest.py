@@ -1,0 +1,41 @@
+"""Shared fixtures: a real Azurite per test session, an environment pointing at it."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from shared.storage import reset_default_storage
+from tunedrop.azurite import Azurite
+
+
+@pytest.fixture(scope="session")
+def azurite():
+    """A real Azurite on free ports, in memory, for the whole test session."""
+    instance = Azurite.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def storage_env(azurite, monkeypatch, tmp_path):
+    """Environment for one test: Azurite connection, unique container/queue/table names, state dir.
+
+    Names are unique per test so tests never see each other's blobs, runs or messages.
+    """
+    suffix = uuid.uuid4().hex[:8]
+    env = {
+        "TUNEDROP_STORAGE": azurite.connection_string,
+        "TUNEDROP_TRAINING_CONTAINER": f"training-{suffix}",
+        "TUNEDROP_QUARANTINE_CONTAINER": f"quarantine-{suffix}",
+        "TUNEDROP_RUNS_TABLE": f"runs{suffix}",
+        "TUNEDROP_WEBHOOK_QUEUE": f"webhooks-{suffix}",
+        "TUNEDROP_STATE_DIR": str(tmp_path / "state"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    reset_default_storage()
+    yield env
+    reset_default_storage()
