@@ -76,11 +76,11 @@ class Storage:
         """A queue client; messages are base64 text, as the Functions queue trigger expects."""
         from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy
 
-        client = self.queue_service.get_queue_client(name)
-        if base64:
-            client.message_encode_policy = BinaryBase64EncodePolicy()
-            client.message_decode_policy = BinaryBase64DecodePolicy()
-        return client
+        if not base64:
+            return self.queue_service.get_queue_client(name)
+        return self.queue_service.get_queue_client(
+            name, message_encode_policy=BinaryBase64EncodePolicy(), message_decode_policy=BinaryBase64DecodePolicy()
+        )
 
     def download_blob(self, container: str, name: str, etag: str | None, dest) -> None:
         """Stream one blob version to ``dest`` (a path); fails if the blob changed since ``etag``."""

@@ -1,0 +1,256 @@
+"""The `tunedrop` command. Errors become messages (and exit codes) here, nowhere else."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from tunedrop.local import PROJECT_ROOT
+
+
+def _settings():
+    from shared.settings import Settings, SettingsError
+
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _client():
+    from tunedrop.client import ApiClient
+
+    return ApiClient(state_dir=_settings().state_dir)
+
+
+def _api(call):
+    from tunedrop.client import ApiError
+
+    try:
+        return call()
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tunedrop")
+def cli():
+    """tunedrop: drop a chat dataset into a container, get a fine-tuned model answering over HTTP.
+
+    Locally everything runs on this machine: Azurite for storage, a local Functions host,
+    LoRA fine-tunes of SmolLM2, MLflow, local model servers. Start it with `tunedrop up`.
+    """
+
+
+@cli.command()
+@click.option("--port", default=7071, show_default=True, help="Port of the local Functions host.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every function invocation.")
+def up(port: int, verbose: bool):
+    """Start Azurite (if none is running) and the local Functions host, until Ctrl-C."""
+    import logging
+
+    from tunedrop.azurite import Azurite, AzuriteError
+    from tunedrop.host import LocalHost
+    from tunedrop.local import embedded_environment
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("tunedrop").setLevel(logging.INFO)
+    settings = _settings()
+    state_dir = settings.state_dir.resolve()
+    azurite = Azurite.default_running()
+    try:
+        if azurite is None:
+            azurite = Azurite.start(state_dir / "azurite", ports=(10000, 10001, 10002),
+                                    log_file=state_dir / "azurite.log")
+            click.echo(f"Azurite started (data in {state_dir / 'azurite'}).")
+        else:
+            click.echo("Using the Azurite already listening on 10000-10002.")
+    except AzuriteError as exc:
+        raise click.ClickException(str(exc)) from None
+    env = embedded_environment(azurite.connection_string, state_dir=state_dir, port=port)
+    os.environ.update(env)
+    sys.path.insert(0, str(PROJECT_ROOT))
+    import function_app
+
+    host = LocalHost(function_app.app, environ=env, port=port, root=PROJECT_ROOT, state_dir=state_dir)
+    host.start()
+    click.echo(f"Functions host on http://127.0.0.1:{port} ({len(function_app.app.get_functions())} functions).")
+    click.echo(f"Drop a dataset: tunedrop drop FILE   |   follow it: tunedrop status   |   Ctrl-C stops.")
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        host.stop()
+        if azurite.process:
+            azurite.stop()
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", help="Blob name in the training container (default: the file's name).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Training parameter for this dataset only, e.g. --set num_train_epochs=1 (repeatable).")
+def drop(file: Path, name: str | None, overrides: tuple[str, ...]):
+    """Upload FILE into the training container; prints the run id it becomes."""
+    from azure.core.exceptions import ResourceExistsError
+
+    from shared.pipeline import OVERRIDE_PREFIX
+    from shared.runs import run_id_for
+    from shared.storage import default_storage
+    from tunedrop.local import embedded_environment
+
+    if "TUNEDROP_STORAGE" not in os.environ and not any(k.startswith("TUNEDROP_STORAGE__") for k in os.environ):
+        from shared.settings import AZURITE_CONNECTION_STRING
+
+        os.environ["TUNEDROP_STORAGE"] = AZURITE_CONNECTION_STRING
+    settings = _settings()
+    metadata = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: use KEY=VALUE.", param_hint="--set")
+        metadata[f"{OVERRIDE_PREFIX}{key.strip()}"] = value.strip()
+    container = default_storage().blob_service.get_container_client(settings.training_container)
+    try:
+        container.create_container()
+    except ResourceExistsError:
+        pass
+    blob_name = name or file.name
+    with open(file, "rb") as handle:
+        result = container.upload_blob(blob_name, handle, overwrite=True, metadata=metadata or None)
+    run_id = run_id_for(settings.training_container, blob_name, result["etag"])
+    click.echo(f"Dropped {file} as {settings.training_container}/{blob_name}.")
+    click.echo(f"Run id: {run_id}   (follow it: tunedrop status {run_id})")
+
+
+@cli.command()
+@click.argument("run_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def status(run_id: str | None, as_json: bool):
+    """Show one run, or list all runs."""
+    client = _client()
+    if run_id:
+        run = _api(lambda: client.run(run_id))
+        if as_json:
+            click.echo(json.dumps(run, indent=2))
+            return
+        click.echo(f"{run['run_id']}: {run['state']}")
+        for key in ("dataset_blob", "job_name", "model_name", "model_version", "endpoint_name", "error"):
+            if run.get(key):
+                click.echo(f"  {key}: {run[key]}")
+        if run.get("metrics"):
+            click.echo("  metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in sorted(run["metrics"].items())))
+        for entry in run.get("history", []):
+            click.echo(f"  {entry['at']}  {entry['state']}")
+        return
+    runs = _api(client.runs)
+    if as_json:
+        click.echo(json.dumps(runs, indent=2))
+        return
+    if not runs:
+        click.echo("No runs yet: drop a dataset with `tunedrop drop FILE`.")
+    for run in runs:
+        click.echo(f"{run['run_id']:<40} {run['state']:<11} {run['dataset_blob']}")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("prompt")
+@click.option("--system", help="A system message to put first.")
+@click.option("--max-new-tokens", default=200, show_default=True)
+@click.option("--temperature", default=0.6, show_default=True)
+@click.option("--top-p", default=0.9, show_default=True)
+def score(run_id: str, prompt: str, system: str | None, max_new_tokens: int, temperature: float, top_p: float):
+    """Ask RUN's fine-tuned model PROMPT through the score function."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    client = _client()
+    answer = _api(lambda: client.score(run_id, messages, temperature=temperature, top_p=top_p,
+                                       do_sample=temperature > 0, max_new_tokens=max_new_tokens))
+    click.echo(answer.get("output", json.dumps(answer)))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+@click.option("--min-examples", type=int, help="Fewest valid examples accepted (default: TUNEDROP_MIN_EXAMPLES).")
+def validate(file: Path, as_json: bool, min_examples: int | None):
+    """Check a dataset as the ingest function would. Exit 0 accepted, 1 rejected, 2 unreadable."""
+    from shared.validation import validate_path
+
+    settings = _settings()
+    try:
+        report = validate_path(file, min_examples=min_examples if min_examples is not None else settings.min_examples,
+                               max_errors=settings.max_errors, max_line_bytes=settings.max_line_bytes)
+    except OSError as exc:
+        if as_json:
+            click.echo(json.dumps({"accepted": False, "errors": [{"line": None, "code": "unreadable",
+                                                                 "message": f"{file}: {exc.strerror}"}],
+                                   "warnings": [], "stats": {}}))
+        else:
+            click.echo(f"Error: cannot read {file}: {exc.strerror}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        click.echo(report.summary())
+    sys.exit(0 if report.accepted else 1)
+
+
+@cli.command()
+def sweep():
+    """Run the sweeper now instead of waiting for its timer."""
+    client = _client()
+    _api(lambda: client.run_function("sweeper"))
+    click.echo("Sweeper started.")
+
+
+@cli.command()
+@click.option("--prompt", default="What is the capital of Norway?", show_default=True,
+              help="What to ask the fine-tuned model.")
+@click.option("--dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=PROJECT_ROOT / "samples" / "chat-sample.jsonl", show_default="samples/chat-sample.jsonl")
+@click.option("--base-model", default="smollm2-135m-instruct", show_default=True,
+              help="smollm2-135m-instruct, or tiny-random for a quick smoke run.")
+@click.option("--timeout", "timeout_s", default=900, show_default=True, help="Give up after this many seconds.")
+@click.option("-v", "--verbose", is_flag=True, help="Also show the host's and handlers' logs.")
+def demo(prompt: str, dataset: Path, base_model: str, timeout_s: int, verbose: bool):
+    """The whole loop on this machine: drop, validate, fine-tune, register, deploy, score, tear down."""
+    from tunedrop.demo import run_demo
+
+    sys.exit(run_demo(dataset=dataset, prompt=prompt, base_model=base_model, timeout_s=timeout_s, verbose=verbose))
+
+
+@cli.command()
+@click.option("--markdown", is_flag=True, help="As the README's table.")
+def settings(markdown: bool):
+    """Every setting, its default and what it does."""
+    from shared.settings import describe
+
+    rows = describe()
+    if markdown:
+        click.echo("| Setting | Default | What it does |\n|---|---|---|")
+        for env, default, help_text in rows:
+            click.echo(f"| `{env}` | `{default}` | {help_text} |" if default else f"| `{env}` | | {help_text} |")
+        return
+    for env, default, help_text in rows:
+        click.echo(f"{env} (default: {default or '-'})\n    {help_text}")
+
+
+@cli.command()
+def secret():
+    """Print a new webhook signing secret (for TUNEDROP_WEBHOOK_SECRET)."""
+    from shared.webhooks import new_secret
+
+    click.echo(new_secret())
+
+
+def main():
+    cli()

@@ -1,0 +1,246 @@
+"""`tunedrop demo`: the seed notebook's whole workflow, driven by events, on this machine.
+
+It starts its own Azurite (in memory), a webhook receiver that verifies every signature, and the
+local Functions host; drops the sample dataset; then only watches: every step after the drop is
+done by the app's own functions, as it would be in Azure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from tunedrop.local import PROJECT_ROOT
+
+#: Quick settings for a demo on a laptop CPU: a short LoRA fine-tune, a fast sweeper, a short idle time.
+DEMO_TRAINING = {"num_train_epochs": 2, "max_steps": 40, "max_seq_length": 128, "learning_rate": 3e-4,
+                 "lora_r": 16, "lr_scheduler_type": "cosine", "test_fraction": 0.1}
+DEMO_IDLE_MINUTES = 0.25
+DEMO_SWEEP_SCHEDULE = "*/3 * * * * *"
+
+PHASES = (  # (label, from state, to state)
+    ("validate + submit", "received", "submitted"),
+    ("fine-tune (LoRA)", "submitted", "succeeded"),
+    ("register model", "succeeded", "registered"),
+    ("deploy endpoint", "registered", "deployed"),
+    ("idle -> torn down", "deployed", "torn_down"),
+)
+
+
+class Clock:
+    def __init__(self):
+        self.start = time.monotonic()
+
+    def __call__(self) -> str:
+        return f"[{time.monotonic() - self.start:6.1f}s]"
+
+
+class WebhookReceiver:
+    """Receives the app's webhooks, verifies them with the standardwebhooks package, prints them."""
+
+    def __init__(self, secret: str, clock: Clock):
+        from standardwebhooks.webhooks import Webhook
+
+        self.events: list[dict] = []
+        self.failures = 0
+        verifier = Webhook(secret)
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                try:
+                    payload = verifier.verify(body, dict(self.headers))
+                except Exception:
+                    receiver.failures += 1
+                    self.send_response(400)
+                    self.end_headers()
+                    return
+                receiver.events.append(payload)
+                print(f"{clock()}   webhook {payload['type']:<20} signature verified", flush=True)
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/tunedrop"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def types(self) -> list[str]:
+        return [e["type"] for e in self.events]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _step(clock: Clock, text: str) -> None:
+    print(f"{clock()} {text}", flush=True)
+
+
+def _prepare_model(base_model: str, cache_dir: Path) -> float:
+    """Convert the gguf once into the cache (in a child process: the demo itself stays torch-free)."""
+    started = time.monotonic()
+    code = ("import sys; from pathlib import Path; from shared.backends.local.models import resolve_base_model; "
+            "print(resolve_base_model(sys.argv[1], Path(sys.argv[2])))")
+    subprocess.run([sys.executable, "-c", code, base_model, str(cache_dir)], check=True, cwd=PROJECT_ROOT,
+                   stdout=subprocess.DEVNULL)
+    return time.monotonic() - started
+
+
+def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-instruct", timeout_s: float = 900,
+             verbose: bool = False, state_dir: Path | None = None) -> int:
+    from azure.core.exceptions import ResourceExistsError
+
+    from shared import runs
+    from shared.settings import Settings
+    from shared.storage import reset_default_storage
+    from shared.webhooks import new_secret
+    from tunedrop.azurite import Azurite, free_port
+    from tunedrop.client import ApiClient
+    from tunedrop.host import LocalHost
+    from tunedrop.local import embedded_environment
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(asctime)s %(name)s %(message)s")
+    clock = Clock()
+    state_dir = (state_dir or PROJECT_ROOT / ".tunedrop" / "demo").resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    print("tunedrop demo: the seed notebook's fine-tuning workflow, driven by events, on this machine.\n", flush=True)
+    azurite = host = receiver = None
+    failed = True
+    entered: dict[str, float] = {}
+    answer_s = None
+    try:
+        _step(clock, "Starting Azurite (Blob, Queue, Table) in memory")
+        azurite = Azurite.start()
+        secret = new_secret()
+        receiver = WebhookReceiver(secret, clock)
+        port = free_port()
+        env = embedded_environment(azurite.connection_string, state_dir=state_dir, port=port)
+        env.update({
+            "TUNEDROP_BASE_MODEL": base_model,
+            "TUNEDROP_WEBHOOK_URLS": receiver.url,
+            "TUNEDROP_WEBHOOK_SECRET": secret,
+            "TUNEDROP_TRAINING_OVERRIDES": json.dumps(DEMO_TRAINING),
+            "TUNEDROP_IDLE_MINUTES": str(DEMO_IDLE_MINUTES),
+            "TUNEDROP_SWEEP_SCHEDULE": DEMO_SWEEP_SCHEDULE,
+        })
+        os.environ.update(env)
+        reset_default_storage()
+        settings = Settings.from_env()
+
+        _step(clock, f"Preparing base model {base_model} (converted from gguf once, then loaded from the cache)")
+        prepare_s = _prepare_model(base_model, settings.model_cache_dir)
+        _step(clock, f"  base model ready in {prepare_s:.1f} s")
+
+        sys.path.insert(0, str(PROJECT_ROOT))
+        import function_app
+
+        host = LocalHost(function_app.app, environ=env, port=port, root=PROJECT_ROOT, state_dir=state_dir,
+                         poll_interval_s=0.5)
+        host.start()
+        _step(clock, f"Local Functions host on http://127.0.0.1:{port}: "
+                     + ", ".join(f.get_function_name() for f in function_app.app.get_functions()))
+
+        from shared.storage import default_storage
+
+        container = default_storage().blob_service.get_container_client(settings.training_container)
+        try:
+            container.create_container()
+        except ResourceExistsError:
+            pass
+        with open(dataset, "rb") as handle:
+            result = container.upload_blob(dataset.name, handle, overwrite=True)
+        run_id = runs.run_id_for(settings.training_container, dataset.name, result["etag"])
+        entered["received"] = time.monotonic()
+        _step(clock, f"Dropped {dataset.name} into '{settings.training_container}'  ->  run {run_id}")
+
+        store = runs.RunStore.from_settings(settings)
+        deadline = time.monotonic() + timeout_s
+        seen = {"received"}
+        run = None
+
+        def wait_until(target: str) -> runs.Run:
+            nonlocal run
+            while time.monotonic() < deadline:
+                run = store.find(run_id)
+                if run is not None:
+                    for entry in run.history:
+                        state = entry["state"]
+                        if state not in seen:
+                            seen.add(state)
+                            entered[state] = time.monotonic()
+                            _step(clock, f"run is {state}" + (f": {run.error}" if state in ("failed", "rejected") else ""))
+                    if run.state == target:
+                        return run
+                    if run.state in (runs.FAILED, runs.REJECTED):
+                        raise RuntimeError(f"run {run_id} is {run.state}: {run.error}")
+                time.sleep(0.25)
+            raise TimeoutError(f"run {run_id} did not reach {target} within {timeout_s:.0f} s")
+
+        run = wait_until(runs.DEPLOYED)
+        metrics = run.metrics
+        if metrics:
+            _step(clock, "Training metrics from MLflow: " + ", ".join(
+                f"{k}={metrics[k]:.4g}" for k in ("eval_loss_initial", "eval_loss", "train_tokens_per_second",
+                                                   "train_runtime_s") if isinstance(metrics.get(k), (int, float))))
+        _step(clock, f"Model {run.model_name} v{run.model_version} registered; endpoint {run.endpoint_name} ready")
+
+        client = ApiClient(f"http://127.0.0.1:{port}", key=host.function_key)
+        _step(clock, f"Scoring through the HTTP function: {prompt!r}")
+        started = time.monotonic()
+        answer = client.score(run_id, [{"role": "user", "content": prompt}], temperature=0.0, do_sample=False,
+                              max_new_tokens=60)
+        answer_s = time.monotonic() - started
+        _step(clock, f"Fine-tuned model answers ({answer_s:.1f} s): {answer.get('output', answer)!r}")
+
+        _step(clock, f"Waiting for the sweeper to tear the idle endpoint down (idle > {DEMO_IDLE_MINUTES * 60:.0f} s)")
+        wait_until(runs.TORN_DOWN)
+        webhook_deadline = time.monotonic() + 30
+        while "endpoint.torn_down" not in receiver.types() and time.monotonic() < webhook_deadline:
+            time.sleep(0.2)
+        failed = "endpoint.torn_down" not in receiver.types()
+        if failed:
+            _step(clock, "the endpoint.torn_down webhook never arrived")
+    except Exception as exc:  # the demo's own boundary: say what broke, exit non-zero
+        _step(clock, f"FAILED: {type(exc).__name__}: {exc}")
+        failed = True
+    finally:
+        if host is not None:
+            host.stop()
+        _cleanup_processes(state_dir)
+        if receiver is not None:
+            receiver.stop()
+        if azurite is not None:
+            azurite.stop()
+
+    print("\nPhase                    seconds", flush=True)
+    for label, start, end in PHASES:
+        if start in entered and end in entered:
+            print(f"  {label:<22} {entered[end] - entered[start]:7.1f}")
+    if answer_s is not None:
+        print(f"  {'first answer':<22} {answer_s:7.1f}")
+    total = time.monotonic() - clock.start
+    print(f"  {'total':<22} {total:7.1f}")
+    if receiver is not None:
+        print(f"\nWebhooks received and verified: {len(receiver.events)} ({', '.join(receiver.types())}); "
+              f"signature failures: {receiver.failures}")
+    print("\nDemo " + ("FAILED" if failed else "succeeded: endpoint torn down, nothing left running."), flush=True)
+    return 1 if failed else 0
+
+
+def _cleanup_processes(state_dir: Path) -> None:
+    """Stop any trainer or model server the demo's run left behind (a failure mid-way)."""
+    from shared.backends.local import _read_json, _terminate
+
+    for pid_file in list(state_dir.glob("jobs/*/pid.json")) + list(state_dir.glob("endpoints/*/endpoint.json")):
+        _terminate(_read_json(pid_file).get("pid"), grace_s=5)

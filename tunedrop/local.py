@@ -1,0 +1,31 @@
+"""The embedded mode's environment: what `tunedrop up`, `tunedrop demo` and the tests give the app."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from shared.settings import Settings, binding_environment
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def embedded_environment(connection_string: str, *, state_dir: Path, port: int = 7071,
+                         base: dict[str, str] | None = None) -> dict[str, str]:
+    """App settings for the local host: Azurite, the local backend, events posted back to the host.
+
+    Values already in ``base`` (default: os.environ) win, so users can override any of them.
+    """
+    base = dict(os.environ if base is None else base)
+    env = {
+        "TUNEDROP_STORAGE": connection_string,
+        "TUNEDROP_BACKEND": "local",
+        "TUNEDROP_STATE_DIR": str(state_dir),
+        "TUNEDROP_EVENTS_URL": f"http://127.0.0.1:{port}/runtime/webhooks/EventGrid?functionName=job_events",
+        "TUNEDROP_BLOB_TRIGGER_SOURCE": "LogsAndContainerScan",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.update({k: v for k, v in base.items() if k.startswith(("TUNEDROP_", "MLFLOW_", "HF_"))})
+    env.update({k: v for k, v in binding_environment(Settings.from_env(env)).items() if k not in env})
+    return env
