@@ -109,7 +109,7 @@ class Pipeline:
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
-        from shared.validation import Issue, Report, validate_chunks
+        from shared.validation import Issue, validate_chunks
 
         try:
             props = blob.get_blob_properties()
@@ -127,16 +127,11 @@ class Pipeline:
             log.info("run %s: already %s, duplicate delivery ignored", run_id, run.state)
             return run
         try:
-            try:
-                config = self.training_config(props.metadata)
-                report = validate_chunks(
-                    blob.download_blob(etag=etag, match_condition=MatchConditions.IfNotModified).chunks(),
-                    source=name, min_examples=self.settings.min_examples, max_errors=self.settings.max_errors,
-                    max_line_bytes=self.settings.max_line_bytes,
-                )
-            except TrainingConfigError as exc:
-                config = None
-                report = Report.rejected_with(Issue(code="bad_override", message=str(exc), field="metadata"))
+            report = validate_chunks(
+                blob.download_blob(etag=etag, match_condition=MatchConditions.IfNotModified).chunks(),
+                source=name, min_examples=self.settings.min_examples, max_errors=self.settings.max_errors,
+                max_line_bytes=self.settings.max_line_bytes,
+            )
         except ResourceModifiedError:
             # Overwritten while we read it: the new version has its own run; this one ends here.
             return self._fail(claimed, "The blob was overwritten during validation; its new version is a new run.",
@@ -144,6 +139,13 @@ class Pipeline:
         except Exception as exc:
             self.store.release(claimed, f"{type(exc).__name__}: {exc}")
             raise
+        try:
+            config = self.training_config(props.metadata)
+        except TrainingConfigError as exc:
+            config = None
+            report.errors.insert(0, Issue(code="bad_override", message=str(exc), field="metadata"))
+            report.error_count += 1
+            report.accepted = False
         report_dict = report.to_dict()
         if not report.accepted:
             location = self._quarantine(blob, etag, run_id, report_dict)

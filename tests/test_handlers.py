@@ -1,0 +1,241 @@
+"""Each function called as the host calls it: real func.* objects, real Azurite, the local backend."""
+
+import json
+import sys
+from datetime import datetime, timezone
+
+import azure.functions as func
+from azure.functions.timer import TimerRequest
+import pytest
+
+from shared import runs
+from shared.events import RUN_ID_TAG, run_event
+from shared.pipeline import get_pipeline
+from shared.runs import Run
+from shared.settings import Settings
+from shared.storage import default_storage
+from shared.webhooks import OutboxMessage, WebhookDeliveryError, new_secret, webhook_id
+from tests.handlers import handler
+from tests.receiver import Receiver
+
+WORKSPACE = Settings().workspace_id
+
+
+@pytest.fixture
+def app_env(storage_env, monkeypatch, tmp_path):
+    secret = new_secret()
+    with Receiver(secret) as receiver:
+        monkeypatch.setenv("TUNEDROP_WEBHOOK_URLS", receiver.url)
+        monkeypatch.setenv("TUNEDROP_WEBHOOK_SECRET", secret)
+        monkeypatch.setenv("TUNEDROP_BASE_MODEL", "tiny-random")
+        monkeypatch.setenv("TUNEDROP_EVENTS_URL", "")
+        yield {"receiver": receiver, "secret": secret, **storage_env}
+
+
+def queued_webhooks(settings):
+    queue = default_storage().queue(settings.webhook_queue)
+    return [OutboxMessage.from_json(m.content).payload for m in queue.peek_messages(max_messages=32)]
+
+
+def upload(settings, name, data: bytes, metadata=None):
+    container = default_storage().blob_service.get_container_client(settings.training_container)
+    if not container.exists():
+        container.create_container()
+    container.upload_blob(name, data, overwrite=True, metadata=metadata)
+    return container.get_blob_client(name)
+
+
+def bad_dataset() -> bytes:
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    lines = [json.dumps(good)] * 3 + [json.dumps({"messages": [{"role": "bot", "content": "x"}]})]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def good_dataset(n=12) -> bytes:
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer {i}."}]} for i in range(n)]
+    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+
+
+def test_ingest_rejects_quarantines_with_report_and_queues_run_rejected(app_env):
+    settings = Settings.from_env()
+    blob = upload(settings, "bad.jsonl", bad_dataset())
+    handler("ingest")(blob)
+
+    run = get_pipeline().store.list()[0]
+    assert run.state == runs.REJECTED
+    assert any(e["line"] == 4 and e["code"] for e in run.report["errors"])
+    quarantine = default_storage().blob_service.get_container_client(settings.quarantine_container)
+    names = sorted(b.name for b in quarantine.list_blobs())
+    assert names == [f"{run.run_id}/bad.jsonl", f"{run.run_id}/bad.jsonl.report.json"]
+    assert quarantine.download_blob(f"{run.run_id}/bad.jsonl").readall() == bad_dataset()
+    report = json.loads(quarantine.download_blob(f"{run.run_id}/bad.jsonl.report.json").readall())
+    assert report["accepted"] is False and any(e["line"] == 4 for e in report["errors"])
+    assert not blob.exists()  # moved, not copied: the drop zone holds only what is pending
+    (webhook,) = queued_webhooks(settings)
+    assert webhook["type"] == "run.rejected" and any(e["line"] == 4 for e in webhook["data"]["report"]["errors"])
+    assert "line 4" in webhook["data"]["summary"]
+
+
+def test_ingest_rejects_an_unknown_override_in_blob_metadata(app_env):
+    settings = Settings.from_env()
+    upload(settings, "good.jsonl", good_dataset(), metadata={"tunedrop_num_epochs": "2"})
+    handler("ingest")(default_storage().blob_service.get_blob_client(settings.training_container, "good.jsonl"))
+    run = get_pipeline().store.list()[0]
+    assert run.state == runs.REJECTED
+    assert "num_epochs" in run.report["errors"][0]["message"]
+
+
+def test_ingest_twice_makes_one_run_and_one_job(app_env):
+    settings = Settings.from_env()
+    blob = upload(settings, "good.jsonl", good_dataset(), metadata={"tunedrop_max_steps": "1"})
+    ingest = handler("ingest")
+    ingest(blob)
+    ingest(blob)
+    pipeline = get_pipeline()
+    (run,) = pipeline.store.list()
+    try:
+        assert run.state == runs.SUBMITTED
+        assert run.config["max_steps"] == 1
+        assert [p["type"] for p in queued_webhooks(settings)] == ["run.accepted", "run.submitted"]
+        jobs = list((settings.state_dir / "jobs").iterdir())
+        assert [j.name for j in jobs] == [run.job_name]
+    finally:
+        from shared.backends.local import _read_json, _terminate
+
+        _terminate(_read_json(settings.state_dir / "jobs" / run.job_name / "pid.json").get("pid"))
+
+
+def make_run(state: str, **fields) -> Run:
+    store = get_pipeline().store
+    run, _ = store.create(Run(f"data-{state}", dataset_container="training-data", dataset_blob="d.jsonl",
+                              dataset_etag='"0x1"', job_name="tunedrop-job-1", **fields))
+    path = {
+        runs.SUBMITTED: [runs.VALIDATING, runs.SUBMITTED],
+        runs.DEPLOYING: [runs.VALIDATING, runs.SUBMITTED, runs.SUCCEEDED, runs.REGISTERED, runs.DEPLOYING],
+        runs.TORN_DOWN: [runs.VALIDATING, runs.SUBMITTED, runs.SUCCEEDED, runs.REGISTERED, runs.DEPLOYING,
+                         runs.TORN_DOWN],
+    }[state]
+    for step in path:
+        run = store.transition(run.run_id, step)
+    return run
+
+
+def grid_event(status: str, run_id: str, job_name: str, topic: str = WORKSPACE) -> func.EventGridEvent:
+    raw = run_event(status=status, topic=topic, job_name=job_name, experiment_name="tunedrop",
+                    run_tags={RUN_ID_TAG: run_id})
+    return func.EventGridEvent(id=raw["id"], data=raw["data"], topic=raw["topic"], subject=raw["subject"],
+                               event_type=raw["eventType"], event_time=datetime.now(timezone.utc),
+                               data_version=raw["dataVersion"])
+
+
+def test_job_events_moves_the_run_and_ignores_other_jobs_steps_and_workspaces(app_env):
+    run = make_run(runs.SUBMITTED)
+    job_events = handler("job_events")
+    job_events(grid_event("Running", run.run_id, "some-child-step"))  # a pipeline step's own event
+    job_events(grid_event("Running", run.run_id, run.job_name, topic=WORKSPACE.replace("local", "other")))
+    job_events(grid_event("Running", "not-a-run", run.job_name))
+    assert get_pipeline().store.get(run.run_id).state == runs.SUBMITTED
+    job_events(grid_event("Running", run.run_id, run.job_name))
+    job_events(grid_event("Running", run.run_id, run.job_name))  # duplicate delivery
+    assert get_pipeline().store.get(run.run_id).state == runs.RUNNING
+    assert [p["type"] for p in queued_webhooks(Settings.from_env())] == ["run.running"]
+
+
+def test_job_events_failed_job_fails_the_run_with_the_reason(app_env):
+    run = make_run(runs.SUBMITTED)
+    handler("job_events")(grid_event("Failed", run.run_id, run.job_name))
+    failed = get_pipeline().store.get(run.run_id)
+    assert failed.state == runs.FAILED and failed.failed_in == runs.SUBMITTED
+    assert "No such job" in failed.error or run.job_name in failed.error
+    (webhook,) = queued_webhooks(Settings.from_env())
+    assert webhook["type"] == "run.failed" and webhook["data"]["code"] == "job_failed"
+
+
+def test_job_events_tolerates_pascal_case_keys_and_non_run_events(app_env):
+    run = make_run(runs.SUBMITTED)
+    raw = run_event(status="Running", topic=WORKSPACE, job_name=run.job_name, experiment_name="x",
+                    run_tags={RUN_ID_TAG: run.run_id})
+    data = {key[0].upper() + key[1:]: value for key, value in raw["data"].items()}
+    data["RunType"] = None
+    event = func.EventGridEvent(id="1", data=data, topic=WORKSPACE, subject=raw["subject"], event_type=raw["eventType"],
+                                event_time=None, data_version="2")
+    handler("job_events")(event)
+    assert get_pipeline().store.get(run.run_id).state == runs.RUNNING
+    other = func.EventGridEvent(id="2", data={}, topic=WORKSPACE, subject="x",
+                                event_type="Microsoft.Storage.BlobCreated", event_time=None, data_version="1")
+    handler("job_events")(other)  # acknowledged, not raised
+
+
+def http(method: str, url: str, route_params: dict, body: bytes = b"") -> func.HttpRequest:
+    return func.HttpRequest(method, url, headers={"content-type": "application/json"}, params={},
+                            route_params=route_params, body=body)
+
+
+def test_score_answers_clearly_when_it_cannot_score(app_env):
+    score = handler("score")
+    seed_body = json.dumps({"input_data": {"input_string": [{"role": "user", "content": "hi"}],
+                                           "parameters": {"max_new_tokens": 5}}}).encode()
+    missing = score(http("POST", "/api/runs/nope/score", {"run_id": "nope"}, seed_body))
+    assert missing.status_code == 404
+    deploying = make_run(runs.DEPLOYING)
+    answer = score(http("POST", "/x", {"run_id": deploying.run_id}, seed_body))
+    assert answer.status_code == 503 and answer.headers["Retry-After"]
+    gone = make_run(runs.TORN_DOWN)
+    answer = score(http("POST", "/x", {"run_id": gone.run_id}, seed_body))
+    assert answer.status_code == 409 and json.loads(answer.get_body())["state"] == "torn_down"
+    bad = json.dumps({"input_data": {"input_string": [{"role": "bot", "content": "hi"}]}}).encode()
+    answer = score(http("POST", "/x", {"run_id": deploying.run_id}, bad))
+    assert answer.status_code == 400
+    assert "input_data.input_string[0].role" in json.loads(answer.get_body())["error"]
+    answer = score(http("POST", "/x", {"run_id": deploying.run_id}, b"{not json"))
+    assert answer.status_code == 400 and "not valid JSON" in json.loads(answer.get_body())["error"]
+    answer = score(http("POST", "/x", {"run_id": deploying.run_id}, b" " * (1_048_577)))
+    assert answer.status_code == 413
+
+
+def test_status_routes_show_runs_without_etags(app_env):
+    run = make_run(runs.SUBMITTED)
+    answer = handler("run_status")(http("GET", f"/api/runs/{run.run_id}", {"run_id": run.run_id}))
+    body = json.loads(answer.get_body())
+    assert answer.status_code == 200 and body["state"] == "submitted" and "etag" not in body
+    assert [h["state"] for h in body["history"]] == ["received", "validating", "submitted"]
+    assert handler("run_status")(http("GET", "/api/runs/x", {"run_id": "x"})).status_code == 404
+    listing = json.loads(handler("list_runs")(http("GET", "/api/runs", {})).get_body())
+    assert [r["run_id"] for r in listing["runs"]] == [run.run_id]
+
+
+def test_notify_delivers_a_signed_webhook(app_env):
+    receiver = app_env["receiver"]
+    message = OutboxMessage(webhook_id("r1", "run.accepted"), receiver.url,
+                            {"type": "run.accepted", "timestamp": "t", "data": {"run_id": "r1"}})
+    handler("notify")(func.QueueMessage(id="1", body=message.to_json()))
+    assert receiver.received == [{"id": message.id, "type": "run.accepted", "timestamp": "t", "data": {"run_id": "r1"}}]
+
+
+def test_notify_raises_when_the_receiver_fails_so_the_queue_retries(app_env):
+    message = OutboxMessage("msg_1", "http://127.0.0.1:9/down", {"type": "run.accepted", "data": {}})
+    with pytest.raises(WebhookDeliveryError):
+        handler("notify")(func.QueueMessage(id="1", body=message.to_json()))
+
+
+def test_sweeper_fails_runs_whose_job_or_endpoint_vanished(app_env):
+    submitted = make_run(runs.SUBMITTED)  # its job was never started on this backend
+    deploying = make_run(runs.DEPLOYING, endpoint_name="td-gone-0000000000")
+    handler("sweeper")(TimerRequest(past_due=False))
+    store = get_pipeline().store
+    assert store.get(submitted.run_id).state == runs.FAILED
+    gone = store.get(deploying.run_id)
+    assert gone.state == runs.FAILED and gone.failed_in == runs.DEPLOYING
+    assert sorted(p["type"] for p in queued_webhooks(Settings.from_env())) == ["run.failed", "run.failed"]
+    handler("sweeper")(TimerRequest(past_due=True))  # a second sweep changes nothing more
+    assert len(queued_webhooks(Settings.from_env())) == 2
+
+
+def test_function_app_import_stays_light():
+    import subprocess
+
+    code = ("import sys, function_app; heavy = [m for m in ('torch', 'transformers', 'peft', 'mlflow', 'azure.ai.ml') "
+            "if m in sys.modules]; print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
