@@ -210,7 +210,9 @@ def binding_environment(settings: "Settings") -> dict[str, str]:
 
 def describe() -> list[tuple[str, str, str]]:
     """(environment variable, default, help) for every setting: the README's configuration table."""
-    rows = []
+    rows = [(STORAGE_CONNECTION, "", "Storage connection for blobs, queues and the run table. Locally an Azurite "
+             "connection string (set by `tunedrop up`); in Azure identity-based: `TUNEDROP_STORAGE__blobServiceUri`, "
+             "`__queueServiceUri`, `__tableServiceUri` (+ `__clientId` for a user-assigned identity).")]
     for f in fields(Settings):
         default = f.default
         if isinstance(default, tuple):

@@ -108,3 +108,9 @@ def _coerce(f, value: Any, source: str):
         raise TrainingConfigError(
             f"{source}: {f.name} must be a {kind.__name__}, got {value!r}."
         ) from None
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(parameter, default, help) for every training parameter: the README's table."""
+    return [(f.name, str(f.default).lower() if isinstance(f.default, bool) else str(f.default), f.metadata["help"])
+            for f in fields(TrainingConfig)]

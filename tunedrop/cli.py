@@ -104,8 +104,6 @@ def drop(file: Path, name: str | None, overrides: tuple[str, ...]):
     from shared.pipeline import OVERRIDE_PREFIX
     from shared.runs import run_id_for
     from shared.storage import default_storage
-    from tunedrop.local import embedded_environment
-
     if "TUNEDROP_STORAGE" not in os.environ and not any(k.startswith("TUNEDROP_STORAGE__") for k in os.environ):
         from shared.settings import AZURITE_CONNECTION_STRING
 
@@ -228,20 +226,29 @@ def demo(prompt: str, dataset: Path, base_model: str, timeout_s: int, verbose: b
     sys.exit(run_demo(dataset=dataset, prompt=prompt, base_model=base_model, timeout_s=timeout_s, verbose=verbose))
 
 
-@cli.command()
-@click.option("--markdown", is_flag=True, help="As the README's table.")
-def settings(markdown: bool):
-    """Every setting, its default and what it does."""
-    from shared.settings import describe
-
-    rows = describe()
+def _table(title: str, rows: list[tuple[str, str, str]], markdown: bool) -> None:
     if markdown:
-        click.echo("| Setting | Default | What it does |\n|---|---|---|")
-        for env, default, help_text in rows:
-            click.echo(f"| `{env}` | `{default}` | {help_text} |" if default else f"| `{env}` | | {help_text} |")
+        click.echo(f"| {title} | Default | What it does |\n|---|---|---|")
+        for name, default, help_text in rows:
+            click.echo(f"| `{name}` | " + (f"`{default}`" if default else "") + f" | {help_text} |")
         return
-    for env, default, help_text in rows:
-        click.echo(f"{env} (default: {default or '-'})\n    {help_text}")
+    for name, default, help_text in rows:
+        click.echo(f"{name} (default: {default or '-'})\n    {help_text}")
+
+
+@cli.command()
+@click.option("--markdown", is_flag=True, help="As the README's tables.")
+@click.option("--training", is_flag=True, help="The training parameters (overridable per dataset) instead.")
+def settings(markdown: bool, training: bool):
+    """Every app setting (or training parameter), its default and what it does."""
+    if training:
+        from shared.training import describe
+
+        _table("Parameter", describe(), markdown)
+    else:
+        from shared.settings import describe
+
+        _table("Setting", describe(), markdown)
 
 
 @cli.command()
