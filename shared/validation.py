@@ -1,0 +1,1092 @@
+"""Streaming validation of chat fine-tuning datasets (JSONL), in bounded memory.
+
+A dataset is checked before a paid fine-tune is started. Two row shapes are accepted:
+
+* the seed's ultrachat rows: ``{"prompt": str, "prompt_id": str, "messages": [...]}``;
+* OpenAI chat fine-tuning rows: ``{"messages": [...]}``, an optional ``system`` message
+  first and an optional per-message ``weight`` of 0 or 1.
+
+Each message is ``{"role": "system" | "user" | "assistant", "content": str}``. Other top-level
+keys are allowed silently; other keys inside a message draw a warning (they are ignored).
+
+The input is any iterable of byte chunks (a blob download stream, a file read in pieces):
+lines may straddle chunks, are split here without joining the whole file, and a line over
+``max_line_bytes`` is counted and skipped without being held whole. Every problem is an
+:class:`Issue` with a stable snake_case ``code``, the 1-based ``line``, a ``field`` path such as
+``messages[2].role`` and a message that says what to do. The dataset is rejected iff there is
+any error. :data:`CODES` lists every code with its meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from array import array
+from dataclasses import dataclass, field as _dc_field
+from typing import Any, Iterable, Iterator
+
+__all__ = [
+    "CODES",
+    "ERROR_CODES",
+    "WARNING_CODES",
+    "Issue",
+    "Report",
+    "iter_conversations",
+    "validate_chunks",
+    "validate_path",
+]
+
+ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = frozenset(("role", "content", "weight"))
+
+#: Every code an error can carry, with what it means.
+ERROR_CODES: dict[str, str] = {
+    # file level
+    "empty_file": "The file is empty or holds only blank lines.",
+    "compressed_file": "The file is compressed (gzip, zip, zstd, bzip2, xz, 7z), not plain JSONL.",
+    "utf16_file": "The file starts with a UTF-16/UTF-32 byte-order mark instead of being UTF-8.",
+    "binary_file": "The file holds NUL bytes: it is UTF-16 without a byte-order mark, or binary.",
+    # line level: syntax
+    "line_too_long": "A line is longer than max_line_bytes; it was skipped unread.",
+    "invalid_utf8": "A line is not valid UTF-8.",
+    "nesting_too_deep": "A line's JSON nests arrays/objects deeper than max_depth.",
+    "invalid_json": "A line is not one valid JSON value (RFC 8259).",
+    "non_finite_number": "A line uses NaN, Infinity or -Infinity, which JSON does not allow.",
+    "duplicate_key": "An object on the line has the same key twice.",
+    "lone_surrogate": "A content string holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).",
+    # line level: row shape
+    "not_an_object": "The line's JSON value is not an object.",
+    "missing_messages": "The row has no \"messages\" key.",
+    "messages_not_list": "\"messages\" is not an array.",
+    "empty_messages": "\"messages\" is an empty array.",
+    "message_not_object": "A message is not an object.",
+    "missing_role": "A message has no \"role\".",
+    "role_not_string": "A message's role is not a string.",
+    "unknown_role": "A message's role is not system, user or assistant.",
+    "missing_content": "A message has no \"content\".",
+    "content_not_string": "A message's content is not a string (null, a number, a list of parts...).",
+    "tool_calls_unsupported": "An assistant message carries tool/function calls instead of content.",
+    "empty_content": "A message's content is empty or only whitespace.",
+    "invalid_weight": "A message's weight is not 0 or 1.",
+    "prompt_not_string": "The ultrachat \"prompt\" field is present but not a string.",
+    "prompt_id_not_string": "The ultrachat \"prompt_id\" field is present but not a string.",
+    # line level: conversation
+    "system_not_first": "A system message is not the first message.",
+    "multiple_system_messages": "A conversation has more than one system message.",
+    "consecutive_same_role": "Two user messages or two assistant messages follow each other.",
+    "no_assistant_message": "A conversation has no assistant message: nothing to learn.",
+    "all_weights_zero": "Every assistant message has weight 0: nothing to learn.",
+    # dataset level
+    "too_few_examples": "Fewer valid examples than min_examples.",
+}
+
+#: Every code a warning can carry, with what it means.
+WARNING_CODES: dict[str, str] = {
+    "blank_line": "Blank line(s) in the middle of the file (blank lines at the end are fine).",
+    "unknown_message_key": "A message has a key other than role, content, weight; it is ignored "
+    "(warned once per key name, occurrences counted in stats).",
+    "last_message_not_assistant": "A conversation does not end with an assistant message; "
+    "the trailing turns teach nothing.",
+    "duplicate_conversation": "The same conversation (roles and contents) appeared on an earlier line.",
+}
+
+CODES: dict[str, str] = {**ERROR_CODES, **WARNING_CODES}
+
+
+# --------------------------------------------------------------------------------------------
+# Public data types
+
+
+@dataclass(frozen=True)
+class Issue:
+    code: str
+    message: str
+    line: int | None = None
+    field: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"line": self.line, "code": self.code, "message": self.message, "field": self.field}
+
+    def __str__(self) -> str:
+        where = []
+        if self.line is not None:
+            where.append(f"line {self.line}")
+        if self.field:
+            where.append(self.field)
+        prefix = ": ".join(where)
+        return f"{prefix + ': ' if prefix else ''}{self.message} ({self.code})"
+
+
+@dataclass
+class Report:
+    accepted: bool
+    errors: list[Issue]
+    warnings: list[Issue]
+    stats: dict
+    error_count: int = 0
+    warning_count: int = 0
+    source: str = "dataset"
+
+    def __post_init__(self) -> None:
+        # The counts are true totals; the lists may be capped but never hold more than counted.
+        self.error_count = max(self.error_count, len(self.errors))
+        self.warning_count = max(self.warning_count, len(self.warnings))
+
+    def to_dict(self) -> dict:
+        return {
+            "accepted": self.accepted,
+            "errors": [i.to_dict() for i in self.errors],
+            "warnings": [i.to_dict() for i in self.warnings],
+            "stats": self.stats,
+            "error_count": self.error_count,
+            "warning_count": self.warning_count,
+        }
+
+    def summary(self, limit: int = 5) -> str:
+        """A few lines for a CLI or a webhook: verdict, counts, the first errors (or warnings)."""
+        s = self.stats
+        verdict = "accepted" if self.accepted else "REJECTED"
+        head = (
+            f"{self.source}: {verdict}: {_plural(self.error_count, 'error')}, "
+            f"{_plural(self.warning_count, 'warning')}; "
+            f"{_plural(s.get('lines', 0), 'line')}, {_plural(s.get('examples', 0), 'valid example')}"
+        )
+        if s.get("invalid_examples"):
+            head += f", {s['invalid_examples']:,} invalid"
+        out = [head + "."]
+        shown, total, kind = (
+            (self.errors, self.error_count, "errors") if self.errors or self.error_count
+            else (self.warnings, self.warning_count, "warnings")
+        )
+        limit = max(0, limit)
+        for issue in shown[:limit]:
+            out.append(f"  {issue}")
+        rest = total - min(limit, len(shown))
+        if rest > 0:
+            left = dict(s.get(f"{kind}_by_code") or {})
+            for issue in shown[:limit]:
+                if left.get(issue.code):
+                    left[issue.code] -= 1
+            detail = ", ".join(f"{c}: {n:,}" for c, n in sorted(left.items(), key=lambda kv: -kv[1]) if n > 0)
+            out.append(f"  ... and {rest:,} more {kind}" + (f" ({detail})" if detail else ""))
+        return "\n".join(out)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+# --------------------------------------------------------------------------------------------
+# JSON parsing helpers (strict RFC 8259)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _strict_pairs(pairs):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise _DuplicateKey()
+    return d
+
+
+def _reject_constant(name):
+    raise _NonFinite(name)
+
+
+_decode = json.JSONDecoder(object_pairs_hook=_strict_pairs, parse_constant=_reject_constant).decode
+
+
+class _Marked(dict):
+    """A dict from the diagnostic re-parse that remembers a duplicated key."""
+
+    dup: str | None = None
+
+
+_BAD_CONSTANT = object()
+
+
+def _marking_pairs(pairs):
+    d = _Marked(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                d.dup = k
+                break
+            seen.add(k)
+    return d
+
+
+_diagnose = json.JSONDecoder(object_pairs_hook=_marking_pairs, parse_constant=lambda _n: _BAD_CONSTANT).decode
+
+
+def _path_join(path: str, key) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def _locate(text: str, want: str) -> tuple[str | None, str | None]:
+    """Re-parse a line that failed strict parsing; return (field path, detail) of the first culprit.
+
+    Only called on the error path, after the nesting depth was checked, so the walk is shallow.
+    """
+    try:
+        root = _diagnose(text)
+    except Exception:  # pragma: no cover - the strict parse reached the hook, so this parses
+        return None, None
+    stack: list[tuple[Any, str]] = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        if want == "dup" and isinstance(node, _Marked) and node.dup is not None:
+            return _path_join(path, node.dup), node.dup
+        if isinstance(node, dict):
+            items = list(node.items())
+            for k, v in reversed(items):
+                if want == "nan" and v is _BAD_CONSTANT:
+                    # Report the first one in document order: scan forwards.
+                    for k2, v2 in items:
+                        if v2 is _BAD_CONSTANT:
+                            return _path_join(path, k2), None
+                stack.append((v, _path_join(path, k)))
+        elif isinstance(node, list):
+            for i in range(len(node) - 1, -1, -1):
+                v = node[i]
+                if want == "nan" and v is _BAD_CONSTANT:
+                    first = next(j for j, x in enumerate(node) if x is _BAD_CONSTANT)
+                    return _path_join(path, first), None
+                stack.append((v, _path_join(path, i)))
+        elif want == "nan" and node is _BAD_CONSTANT:
+            return None, None
+    return None, None
+
+
+_STRUCTURE_ONLY = bytes(b for b in range(256) if b not in b'[]{}"')
+
+
+def _too_deep(raw: bytes, max_depth: int) -> bool:
+    """True if the JSON text nests arrays/objects deeper than max_depth. No recursion, no regex.
+
+    Brackets inside strings are not structure: escaped backslashes and then escaped quotes are
+    dropped (left to right, as a JSON reader pairs them), every byte but brackets and quotes is
+    dropped, and what lies between quote pairs is string text. What is left outside the strings
+    is just the brackets, usually a few dozen, walked in a short loop.
+    """
+    kept = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _STRUCTURE_ONLY)
+    depth = 0
+    for c in b"".join(kept.split(b'"')[::2]):
+        if c == 91 or c == 123:  # [ {
+            depth += 1
+            if depth > max_depth:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _jtype(v) -> str:
+    if v is None:
+        return "null"
+    if v is True or v is False:
+        return "a boolean"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, list):
+        return "an array"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__  # pragma: no cover
+
+
+def _short(v, n: int = 40) -> str:
+    r = repr(v) if isinstance(v, str) else json.dumps(v, default=str)[: n + 10]
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+_ROLE_HINTS = {
+    **dict.fromkeys(
+        ("bot", "model", "gpt", "ai", "chatbot", "assistent", "asistant", "assisstant", "assitant",
+         "response", "answer", "output", "completion", "chatgpt", "agent", "system_response"),
+        "assistant",
+    ),
+    **dict.fromkeys(("human", "usr", "users", "question", "prompter", "input", "customer", "client",
+                     "prompt", "instruction", "query"), "user"),
+    **dict.fromkeys(("developer", "sys", "system_prompt", "context"), "system"),
+}
+
+
+def _role_message(role: str) -> str:
+    allowed = "use one of: system, user, assistant"
+    low = role.strip().lower()
+    if low in ROLES:
+        return f"unknown role {_short(role)}: roles are lowercase without spaces, use {low!r}"
+    if low in ("tool", "function", "ipython"):
+        return f"unknown role {_short(role)}: tool/function messages are not supported; {allowed}"
+    hint = _ROLE_HINTS.get(low)
+    if hint:
+        return f"unknown role {_short(role)}: {allowed} (did you mean {hint!r}?)"
+    return f"unknown role {_short(role)}: {allowed}"
+
+
+def _json_error_message(err: json.JSONDecodeError, text: str) -> str:
+    msg = f"invalid JSON at column {err.colno}: {err.msg}"
+    if text.startswith("\ufeff"):
+        return msg + "; a byte-order mark in the middle of the file (concatenated files?): remove it"
+    stripped = text.strip()
+    if stripped in ("{", "[", "}", "]", "},", "],") or stripped.endswith((",", ":")) and len(stripped) < 200:
+        return msg + "; this looks like pretty-printed JSON: JSONL needs each row as one object on one line"
+    if stripped.startswith("{'") or stripped.startswith("[{'"):
+        return msg + "; single-quoted keys look like a Python dict: write rows with json.dumps"
+    if "\r" in stripped:
+        return msg + "; the line holds a carriage return (\\r): use \\n line endings"
+    if err.msg == "Extra data":
+        return msg + "; put exactly one JSON object on each line"
+    return msg + "; fix the line so that it is one valid JSON object"
+
+
+# --------------------------------------------------------------------------------------------
+# The streaming engine
+
+
+class _HashTable:
+    """Open-addressing set of 64-bit hashes with the line each was first seen on.
+
+    12 bytes a slot in two arrays (about 24 bytes per conversation), instead of ~100 for a dict;
+    stops taking new entries at ``cap`` (lookups still work) so memory stays bounded.
+    """
+
+    __slots__ = ("keys", "lines", "mask", "size", "cap", "full")
+
+    def __init__(self, cap: int) -> None:
+        self.keys = array("Q", bytes(8 * 1024))
+        self.lines = array("I", bytes(4 * 1024))
+        self.mask = 1023
+        self.size = 0
+        self.cap = cap
+        self.full = False
+
+    def add(self, h: int, line: int) -> int:
+        """Insert h; return 0 if new, else the line it was first seen on."""
+        keys, mask = self.keys, self.mask
+        i = h & mask
+        while True:
+            k = keys[i]
+            if k == 0:
+                break
+            if k == h:
+                return self.lines[i]
+            i = (i + 1) & mask
+        if self.size >= self.cap:
+            self.full = True
+            return 0
+        keys[i] = h
+        self.lines[i] = line
+        self.size += 1
+        if self.size * 2 > mask:
+            self._grow()
+        return 0
+
+    def _grow(self) -> None:
+        old_keys, old_lines = self.keys, self.lines
+        n = (self.mask + 1) * 2
+        mask = n - 1
+        keys = array("Q", bytes(8 * n))
+        lines = array("I", bytes(4 * n))
+        for j, k in enumerate(old_keys):
+            if k:
+                i = k & mask
+                while keys[i]:
+                    i = (i + 1) & mask
+                keys[i] = k
+                lines[i] = old_lines[j]
+        self.keys, self.lines, self.mask = keys, lines, mask
+
+
+_MISSING = object()
+_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed", "decompress it (gunzip) and upload the .jsonl"),
+    (b"PK\x03\x04", "a zip archive", "extract the .jsonl and upload it"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it (zstd -d) and upload the .jsonl"),
+    (b"BZh", "bzip2-compressed", "decompress it (bunzip2) and upload the .jsonl"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it (unxz) and upload the .jsonl"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7z archive", "extract the .jsonl and upload it"),
+)
+_HEAD = 6  # bytes needed to recognise every magic number above
+_RESERVOIR = 200_000  # exact median up to this many examples, a uniform sample beyond
+_DEDUP_CAP = 2_000_000  # conversations remembered for duplicate detection (48 MB of table at most)
+_UNKNOWN_KEYS_CAP = 100
+
+
+class _Validator:
+    def __init__(
+        self,
+        *,
+        min_examples: int = 10,
+        max_errors: int = 50,
+        max_warnings: int | None = None,
+        max_line_bytes: int = 1_048_576,
+        max_depth: int = 32,
+        collect: bool = False,
+        track: bool = True,
+    ) -> None:
+        self.min_examples = min_examples
+        self.max_errors = max(0, max_errors)
+        self.max_warnings = self.max_errors if max_warnings is None else max(0, max_warnings)
+        self.max_line = max(1, max_line_bytes)
+        self.max_depth = max(1, max_depth)
+        self.collect = collect
+        self.track = track
+        self.out: list[list[dict]] = []
+
+        self.errors: list[Issue] = []
+        self.warnings: list[Issue] = []
+        self.error_count = 0
+        self.warning_count = 0
+        self.errors_by_code: dict[str, int] = {}
+        self.warnings_by_code: dict[str, int] = {}
+
+        self.bytes = 0  # bytes read
+        self.done_bytes = 0  # offset just past the last line handled
+        self.lineno = 0
+        self.blank_lines = 0
+        self.blank_run: tuple[int, int] | None = None  # (first line, count) of blank lines not yet followed
+        self.examples = 0
+        self.invalid = 0
+        self.role_counts = {"system": 0, "user": 0, "assistant": 0}
+        self.duplicates = 0
+        self.unknown_keys: dict[str, int] = {}
+        self.unknown_keys_other = 0
+        self.chars = array("I")
+        self.chars_seen = 0
+        self.chars_min: int | None = None
+        self.chars_max: int | None = None
+        self.rng = random.Random(0x7D)
+        self.seen = _HashTable(_DEDUP_CAP) if track else None
+
+        self.head: bytes | None = b""  # bytes collected before the magic-number sniff, None after
+        self.pend = bytearray()  # the current partial line
+        self.skip_len = 0  # > 0 while skipping a too-long line
+        self.fatal = False
+
+    # -- issues --------------------------------------------------------------------------
+
+    def error(self, code: str, message: str, line: int | None = None, field: str | None = None) -> None:
+        self.error_count += 1
+        self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
+        if len(self.errors) < self.max_errors:
+            self.errors.append(Issue(code, message, line, field))
+
+    def warning(self, code: str, message: str, line: int | None = None, field: str | None = None) -> None:
+        self.warning_count += 1
+        self.warnings_by_code[code] = self.warnings_by_code.get(code, 0) + 1
+        if len(self.warnings) < self.max_warnings:
+            self.warnings.append(Issue(code, message, line, field))
+
+    def stop(self, code: str, message: str, line: int | None = None) -> None:
+        """A file-level error: reading stops, nothing after it would mean anything."""
+        self.dataset_error(code, message, line)
+        self.fatal = True
+        self.pend = bytearray()
+        self.skip_len = 0
+
+    # -- bytes -> lines ----------------------------------------------------------------------
+
+    def feed(self, chunk) -> None:
+        if self.fatal:
+            return
+        if not isinstance(chunk, (bytes, bytearray)):
+            if isinstance(chunk, memoryview):
+                chunk = chunk.tobytes()
+            else:
+                raise TypeError(f"chunks must be bytes, got {type(chunk).__name__}")
+        if not chunk:
+            return
+        self.bytes += len(chunk)
+        if self.head is not None:
+            self.head += chunk
+            if len(self.head) < _HEAD:
+                return
+            chunk = self._sniff()
+            if chunk is None:
+                return
+        self._split(chunk)
+
+    def _sniff(self) -> bytes | None:
+        head, self.head = self.head, None
+        for magic, what, todo in _MAGIC:
+            if head.startswith(magic) and (magic != b"BZh" or head[3:4].isdigit()):
+                self.stop("compressed_file", f"file is {what}: {todo}")
+                return None
+        if head.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
+            self.stop("utf16_file", "file is UTF-16/binary (it starts with a UTF-16/UTF-32 byte-order mark): "
+                      "save it as UTF-8 JSONL (one JSON object per line)")
+            return None
+        if head.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark: accepted, dropped
+            self.done_bytes += 3
+            head = head[3:]
+        return head
+
+    def _split(self, chunk) -> None:
+        find = chunk.find
+        pos = 0
+        limit = self.max_line + 1  # +1: a trailing \r is not counted against the limit
+        while True:
+            nl = find(b"\n", pos)
+            if nl < 0:
+                break
+            seg = nl - pos
+            if self.skip_len:
+                total = self.skip_len + seg
+                self.skip_len = 0
+                self._too_long(total, True)
+            elif self.pend:
+                if len(self.pend) + seg > limit:
+                    total = len(self.pend) + seg
+                    self.pend = bytearray()
+                    self._too_long(total, True)
+                else:
+                    raw = self.pend
+                    raw += chunk[pos:nl]
+                    self.pend = bytearray()
+                    self._line(raw, True)
+            elif seg > limit:
+                self._too_long(seg, True)
+            else:
+                self._line(chunk[pos:nl], True)
+            if self.fatal:
+                return
+            pos = nl + 1
+        rest = len(chunk) - pos
+        if rest:
+            if self.skip_len:
+                self.skip_len += rest
+            elif len(self.pend) + rest > limit:
+                self.skip_len = len(self.pend) + rest
+                self.pend = bytearray()
+            else:
+                self.pend += chunk[pos:]
+        # the bytes of a partial line are accounted for when the line completes
+
+    def finish(self) -> None:
+        if self.head is not None:  # a file shorter than the sniff window
+            chunk = self._sniff()
+            if chunk:
+                self._split(chunk)
+        if self.fatal:
+            return
+        if self.skip_len:
+            total, self.skip_len = self.skip_len, 0
+            self._too_long(total, False)
+        elif self.pend:
+            raw, self.pend = self.pend, bytearray()
+            self._line(raw, False)
+
+    # -- one line ----------------------------------------------------------------------------
+
+    def _too_long(self, length: int, newline: bool) -> None:
+        """A line over the limit, seen only as a length: it was never held whole."""
+        self.lineno += 1
+        self.done_bytes += length + newline
+        self._flush_blank_run()
+        self._line_too_long(length, self.lineno)
+
+    def _line_too_long(self, length: int, ln: int) -> None:
+        self.invalid += 1
+        self.error(
+            "line_too_long",
+            f"line is {length:,} bytes, over the {self.max_line:,}-byte limit: split or shorten the "
+            f"conversation (or check that the file really has one JSON object per line)",
+            ln,
+        )
+
+    def _flush_blank_run(self) -> None:
+        run = self.blank_run
+        if run is not None:
+            self.blank_run = None
+            first, count = run
+            where = f"line {first}" if count == 1 else f"lines {first}-{first + count - 1}"
+            self.warning(
+                "blank_line",
+                f"{_plural(count, 'blank line')} in the middle of the file ({where}): remove "
+                f"{'it' if count == 1 else 'them'}",
+                first,
+            )
+
+    def _line(self, raw, newline: bool) -> None:
+        self.lineno += 1
+        ln = self.lineno
+        self.done_bytes += len(raw) + newline
+        if raw[-1:] == b"\r":
+            raw = raw[:-1]
+        if not raw or raw.isspace():
+            self.blank_lines += 1
+            if self.blank_run is None:
+                self.blank_run = (ln, 1)
+            else:
+                self.blank_run = (self.blank_run[0], self.blank_run[1] + 1)
+            return
+        if self.blank_run is not None:
+            self._flush_blank_run()
+        if len(raw) > self.max_line:
+            self._line_too_long(len(raw), ln)
+            return
+        if b"\x00" in raw:
+            self.stop("binary_file", "file is UTF-16/binary (NUL bytes on this line): save it as UTF-8 JSONL "
+                      "(one JSON object per line)", ln)
+            return
+        if raw.count(b"[") + raw.count(b"{") > self.max_depth and _too_deep(raw, self.max_depth):
+            self.invalid += 1
+            self.error(
+                "nesting_too_deep",
+                f"JSON nests arrays/objects more than {self.max_depth} levels deep: "
+                f"a chat row needs only 3 (row, messages, message)",
+                ln,
+            )
+            return
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self.invalid += 1
+            self.error(
+                "invalid_utf8",
+                f"bytes at offset {e.start} are not valid UTF-8 ({bytes(raw[e.start:e.start + 4]).hex(' ')}): "
+                f"save the file as UTF-8 (it may be Latin-1/Windows-1252)",
+                ln,
+            )
+            return
+        try:
+            obj = _decode(text)
+        except _DuplicateKey:
+            self.invalid += 1
+            path, key = _locate(text, "dup")
+            self.error(
+                "duplicate_key",
+                f"key {key!r} appears twice in the same object: JSON keys must be unique, keep one"
+                if key is not None else "an object has the same key twice: JSON keys must be unique",
+                ln,
+                path,
+            )
+            return
+        except _NonFinite as e:
+            self.invalid += 1
+            path, _ = _locate(text, "nan")
+            self.error(
+                "non_finite_number",
+                f"{e.args[0]} is not valid JSON (RFC 8259): write null or a finite number",
+                ln,
+                path,
+            )
+            return
+        except json.JSONDecodeError as e:
+            self.invalid += 1
+            self.error("invalid_json", _json_error_message(e, text), ln)
+            return
+        except RecursionError:  # pragma: no cover - the depth scan runs first
+            self.invalid += 1
+            self.error("nesting_too_deep", f"JSON nests too deeply (limit {self.max_depth})", ln)
+            return
+        except ValueError as e:  # e.g. an integer with more than 4300 digits
+            self.invalid += 1
+            self.error("invalid_json", f"invalid JSON value: {e}; fix the line", ln)
+            return
+        self._row(obj, ln, b"\\u" in raw)
+
+    # -- one row -----------------------------------------------------------------------------
+
+    def _row(self, obj, ln: int, escapes: bool) -> None:
+        if type(obj) is not dict:
+            self.invalid += 1
+            if type(obj) is list and obj and all(type(x) is dict for x in obj[:3]):
+                hint = ("the line is an array of objects: JSONL needs one object per line "
+                        "(is this a .json file? write each row on its own line)")
+            else:
+                hint = 'each line must be an object like {"messages": [...]}'
+            self.error("not_an_object", f"row is {_jtype(obj)}, not an object: {hint}", ln)
+            return
+        bad = 0
+        if "prompt" in obj and type(obj["prompt"]) is not str:
+            bad += 1
+            self.error("prompt_not_string",
+                       f"prompt is {_jtype(obj['prompt'])}: make it a string or drop the key", ln, "prompt")
+        if "prompt_id" in obj and type(obj["prompt_id"]) is not str:
+            bad += 1
+            self.error("prompt_id_not_string",
+                       f"prompt_id is {_jtype(obj['prompt_id'])}: make it a string or drop the key",
+                       ln, "prompt_id")
+        msgs = obj.get("messages", _MISSING)
+        if msgs is _MISSING:
+            self.invalid += 1
+            self.error("missing_messages", _missing_messages_message(obj), ln, "messages")
+            return
+        if type(msgs) is not list:
+            self.invalid += 1
+            extra = ""
+            if type(msgs) is str and msgs.lstrip().startswith("["):
+                extra = " (it is a string holding JSON: store the array itself, not json.dumps of it)"
+            self.error("messages_not_list",
+                       f"messages is {_jtype(msgs)}, not an array of messages{extra}", ln, "messages")
+            return
+        if not msgs:
+            self.invalid += 1
+            self.error("empty_messages", "messages is empty: give at least a user and an assistant message",
+                       ln, "messages")
+            return
+
+        roles: list[str] = []
+        flat: list[str] = []  # role, content, role, content... for the duplicate hash
+        chars = 0
+        allowed = self.role_counts
+        for i, m in enumerate(msgs):
+            # Fast path: a plain, well-formed {"role", "content"} message.
+            if type(m) is dict and len(m) == 2:
+                role = m.get("role")
+                content = m.get("content")
+                if (type(role) is str and role in allowed and type(content) is str and content
+                        and not content.isspace() and not (escapes and not content.isascii())):
+                    roles.append(role)
+                    flat.append(role)
+                    flat.append(content)
+                    chars += len(content)
+                    continue
+            errs, role, content = self._message(m, i, ln, escapes)
+            if errs:
+                bad += errs
+            else:
+                chars += len(content)
+                flat.append(role)
+                flat.append(content)
+            if role is not None:
+                roles.append(role)
+        if bad:
+            self.invalid += 1
+            return
+
+        # Conversation-level rules: every message is well formed here, so roles[i] is msgs[i]'s role.
+        n = len(roles)
+        if "system" in roles:
+            first_sys = roles.index("system")
+            if first_sys != 0:
+                bad += 1
+                self.error("system_not_first",
+                           f"system message at position {first_sys}: move it to the start of the "
+                           "conversation", ln, f"messages[{first_sys}].role")
+            for j in range(first_sys + 1, n):
+                if roles[j] == "system":
+                    bad += 1
+                    self.error("multiple_system_messages",
+                               "a second system message: keep one system message, first",
+                               ln, f"messages[{j}].role")
+        prev = None
+        has_assistant = False
+        trainable = False
+        for j, r in enumerate(roles):
+            if r == prev and r != "system":
+                bad += 1
+                self.error("consecutive_same_role",
+                           f"two {r} messages in a row (messages[{j - 1}] and messages[{j}]): "
+                           f"merge them or put {'an assistant' if r == 'user' else 'a user'} message between",
+                           ln, f"messages[{j}].role")
+            if r == "assistant":
+                has_assistant = True
+                if not trainable:
+                    w = msgs[j].get("weight", 1)
+                    trainable = w != 0
+            prev = r
+        if not has_assistant:
+            bad += 1
+            self.error("no_assistant_message",
+                       "no assistant message: nothing to learn; add the assistant's reply",
+                       ln, "messages")
+        elif not trainable:
+            bad += 1
+            self.error("all_weights_zero",
+                       "every assistant message has weight 0: nothing to learn; set weight 1 on at least one",
+                       ln, "messages")
+        if bad:
+            self.invalid += 1
+            return
+
+        # A valid example.
+        self.examples += 1
+        if roles[-1] != "assistant":
+            self.warning("last_message_not_assistant",
+                         f"conversation ends with a {roles[-1]} message, which teaches nothing: "
+                         "end with the assistant's reply or drop the trailing turns",
+                         ln, f"messages[{n - 1}].role")
+        if self.collect:
+            self.out.append([m if len(m) == 2 else {"role": m["role"], "content": m["content"]} for m in msgs])
+        if not self.track:
+            return
+        rc = self.role_counts
+        for r in roles:
+            rc[r] += 1
+        # chars per example: min/max exact, median exact up to _RESERVOIR examples, sampled beyond
+        if self.chars_min is None or chars < self.chars_min:
+            self.chars_min = chars
+        if self.chars_max is None or chars > self.chars_max:
+            self.chars_max = chars
+        self.chars_seen += 1
+        if len(self.chars) < _RESERVOIR:
+            self.chars.append(min(chars, 0xFFFFFFFF))
+        else:
+            k = self.rng.randrange(self.chars_seen)
+            if k < _RESERVOIR:
+                self.chars[k] = min(chars, 0xFFFFFFFF)
+        h = hash(tuple(flat)) & 0xFFFFFFFFFFFFFFFF or 1
+        first = self.seen.add(h, ln)
+        if first:
+            self.duplicates += 1
+            self.warning("duplicate_conversation",
+                         f"same conversation as line {first}: remove one copy", ln, "messages")
+
+    def _message(self, m, i: int, ln: int, escapes: bool) -> tuple[int, str | None, str | None]:
+        """Check one message in full; return (errors found, its valid role or None, its content)."""
+        if type(m) is not dict:
+            self.error("message_not_object",
+                       f'message is {_jtype(m)}: each message must be {{"role": ..., "content": ...}}',
+                       ln, f"messages[{i}]")
+            return 1, None, None
+        bad = 0
+        role = m.get("role", _MISSING)
+        content = m.get("content", _MISSING)
+        if len(m) > 2 or role is _MISSING or content is _MISSING:
+            bad += self._odd_keys(m, i, ln, role, content)
+        if role is _MISSING:
+            bad += 1
+            self.error("missing_role", 'message has no "role": add one of system, user, assistant',
+                       ln, f"messages[{i}].role")
+            role = None
+        elif type(role) is not str:
+            bad += 1
+            self.error("role_not_string", f"role is {_jtype(role)}: use one of the strings system, user, assistant",
+                       ln, f"messages[{i}].role")
+            role = None
+        elif role not in self.role_counts:
+            bad += 1
+            self.error("unknown_role", _role_message(role), ln, f"messages[{i}].role")
+            role = None
+        tool_calls = "tool_calls" in m or "function_call" in m
+        if content is _MISSING:
+            if not tool_calls:  # with tool calls, _odd_keys reported tool_calls_unsupported
+                bad += 1
+                self.error("missing_content", 'message has no "content": add the message text',
+                           ln, f"messages[{i}].content")
+        elif type(content) is not str:
+            if not (content is None and tool_calls):
+                bad += 1
+                self.error("content_not_string", _content_type_message(content), ln, f"messages[{i}].content")
+        elif not content or content.isspace():
+            bad += 1
+            self.error("empty_content", "content is empty or only whitespace: write the message text "
+                       "or drop the message", ln, f"messages[{i}].content")
+        elif escapes and not content.isascii():
+            try:
+                content.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad += 1
+                self.error("lone_surrogate",
+                           f"content has an unpaired surrogate escape at character {e.start} "
+                           f"(\\u{ord(content[e.start]):04x}): the text was cut inside an emoji or "
+                           f"mis-encoded; fix or drop it", ln, f"messages[{i}].content")
+        return bad, role, content
+
+    def _odd_keys(self, m: dict, i: int, ln: int, role, content) -> int:
+        """Report keys other than role/content/weight; return how many errors that made."""
+        bad = 0
+        for key in m:
+            if key in MESSAGE_KEYS:
+                continue
+            if key in ("tool_calls", "function_call") and (content is None or content is _MISSING):
+                bad += 1
+                self.error("tool_calls_unsupported",
+                           f"message has {key} and no text content: tool/function calling is not "
+                           "supported; drop tool-calling conversations or turn them into plain text",
+                           ln, f"messages[{i}].{key}")
+                continue
+            if not self.track:
+                continue
+            count = self.unknown_keys.get(key)
+            if count is not None:
+                self.unknown_keys[key] = count + 1
+            elif len(self.unknown_keys) < _UNKNOWN_KEYS_CAP:
+                self.unknown_keys[key] = 1
+                self.warning("unknown_message_key",
+                             f"unknown key {_short(key)} in a message: it is ignored (only role, content "
+                             "and weight are used); later occurrences are counted in stats",
+                             ln, f"messages[{i}].{key}")
+            else:
+                self.unknown_keys_other += 1
+        if "weight" in m:
+            w = m["weight"]
+            if not ((type(w) is int or type(w) is float) and (w == 0 or w == 1)):
+                bad += 1
+                self.error("invalid_weight", f"weight is {_short(w)}: use 0 (do not learn this message) "
+                           "or 1 (learn it)", ln, f"messages[{i}].weight")
+        return bad
+
+    # -- the verdict ---------------------------------------------------------------------------
+
+    def report(self, source: str) -> Report:
+        if not self.fatal:
+            nonblank = self.lineno - self.blank_lines
+            if nonblank == 0:
+                what = "file is empty" if self.bytes == 0 else "file holds only blank lines"
+                self.dataset_error("empty_file", f"{what}: upload a JSONL file with one conversation per line")
+            elif self.examples < self.min_examples:
+                self.dataset_error(
+                    "too_few_examples",
+                    f"only {self.examples:,} valid example{'s' if self.examples != 1 else ''} found "
+                    f"({self.invalid:,} invalid); at least {self.min_examples:,} are needed"
+                    + (": fix the errors listed" if self.invalid else ": add more conversations"),
+                )
+        stats = {
+            "bytes": self.bytes if not self.fatal else self.done_bytes,
+            "lines": self.lineno,
+            "blank_lines": self.blank_lines,
+            "examples": self.examples,
+            "invalid_examples": self.invalid,
+            "messages": dict(self.role_counts),
+            "chars_per_example": {
+                "min": self.chars_min,
+                "median": _median(self.chars),
+                "max": self.chars_max,
+                "median_exact": self.chars_seen <= _RESERVOIR,
+            },
+            "duplicates": self.duplicates,
+            "duplicate_check_complete": not (self.seen is not None and self.seen.full),
+            "unknown_message_keys": dict(self.unknown_keys, **(
+                {"(other)": self.unknown_keys_other} if self.unknown_keys_other else {})),
+            "errors_by_code": dict(self.errors_by_code),
+            "warnings_by_code": dict(self.warnings_by_code),
+            "stopped_early": self.fatal,
+        }
+        return Report(
+            accepted=self.error_count == 0,
+            errors=list(self.errors),
+            warnings=list(self.warnings),
+            stats=stats,
+            error_count=self.error_count,
+            warning_count=self.warning_count,
+            source=source,
+        )
+
+    def dataset_error(self, code: str, message: str, line: int | None = None) -> None:
+        """A file- or dataset-level error: always listed, first, so that the cap never hides it."""
+        self.error_count += 1
+        self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
+        if self.max_errors:
+            self.errors.insert(0, Issue(code, message, line))
+            del self.errors[self.max_errors:]
+
+
+def _median(values: array) -> int | float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    n = len(s)
+    mid = n // 2
+    if n % 2:
+        return s[mid]
+    m = (s[mid - 1] + s[mid]) / 2
+    return int(m) if m.is_integer() else m
+
+
+def _missing_messages_message(obj: dict) -> str:
+    base = 'row has no "messages" key'
+    if "conversations" in obj:
+        return base + ": ShareGPT format? rename \"conversations\" to \"messages\" and from/value to role/content"
+    if "chosen" in obj and "rejected" in obj:
+        return base + ": preference (DPO) data? use the \"chosen\" conversation as \"messages\""
+    if "prompt" in obj and "completion" in obj:
+        return base + ": prompt/completion format? turn each row into a user and an assistant message"
+    if "instruction" in obj and ("output" in obj or "response" in obj):
+        return base + ": instruction/output format? turn each row into a user and an assistant message"
+    if "text" in obj:
+        return base + ': plain "text" rows are not chat data; give a list of role/content messages'
+    keys = ", ".join(_short(k, 20) for k in list(obj)[:5])
+    return base + (f" (it has {keys})" if keys else " (it is {})") + ': add "messages": [{"role": ..., "content": ...}, ...]'
+
+
+def _content_type_message(content) -> str:
+    if content is None:
+        return "content is null: write the message text (null is only allowed alongside tool calls)"
+    if type(content) is list:
+        return ("content is an array (content parts?): join the text into one string; images and other "
+                "parts are not supported")
+    return f"content is {_jtype(content)}: make it a string"
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def validate_chunks(
+    chunks: Iterable[bytes],
+    *,
+    source: str = "dataset",
+    min_examples: int = 10,
+    max_errors: int = 50,
+    max_line_bytes: int = 1_048_576,
+    max_depth: int = 32,
+    max_warnings: int | None = None,
+) -> Report:
+    """Validate a chat JSONL dataset given as byte chunks of any size; memory stays bounded.
+
+    ``max_warnings`` defaults to ``max_errors``. The counts in the report are true totals even
+    where the lists are capped. Stops reading early only on a file-level error (compressed,
+    UTF-16 or binary file).
+    """
+    v = _Validator(min_examples=min_examples, max_errors=max_errors, max_warnings=max_warnings,
+                   max_line_bytes=max_line_bytes, max_depth=max_depth)
+    for chunk in chunks:
+        v.feed(chunk)
+        if v.fatal:
+            break
+    v.finish()
+    return v.report(source)
+
+
+def _read_chunks(path, chunk_size: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            if not chunk:
+                return
+            yield chunk
+
+
+def validate_path(path, *, chunk_size: int = 1 << 20, **kw) -> Report:
+    """Validate a file on disk, read in ``chunk_size`` pieces. Takes validate_chunks' keywords."""
+    kw.setdefault("source", os.path.basename(os.fspath(path)) or "dataset")
+    return validate_chunks(_read_chunks(path, chunk_size), **kw)
+
+
+def iter_conversations(
+    chunks: Iterable[bytes], *, max_line_bytes: int = 1_048_576, max_depth: int = 32
+) -> Iterator[list[dict]]:
+    """Yield the normalized messages ``[{"role", "content"}, ...]`` of each valid row, in order.
+
+    Rows that validation would reject are skipped (validate first); ``weight`` and other message
+    keys are dropped. Memory is bounded by the chunk size.
+    """
+    v = _Validator(min_examples=0, max_errors=0, max_warnings=0, max_line_bytes=max_line_bytes,
+                   max_depth=max_depth, collect=True, track=False)
+    for chunk in chunks:
+        v.feed(chunk)
+        if v.out:
+            out, v.out = v.out, []
+            yield from out
+        if v.fatal:
+            return
+    v.finish()
+    if v.out:
+        yield from v.out
