@@ -31,8 +31,8 @@ class ApiClient:
         state_dir = Path(state_dir or os.environ.get("TUNEDROP_STATE_DIR", ".tunedrop"))
         keys = host_keys(state_dir)
         self.base_url = (base_url or os.environ.get("TUNEDROP_API_URL") or "http://127.0.0.1:7071").rstrip("/")
-        self.key = key or os.environ.get("TUNEDROP_FUNCTION_KEY") or keys.get("function_key", "")
-        self.master_key = os.environ.get("TUNEDROP_MASTER_KEY") or keys.get("master_key", "")
+        self.key = key or os.environ.get("TUNEDROP_FUNCTION_KEY") or keys.get("functionKey", "")
+        self.master_key = os.environ.get("TUNEDROP_MASTER_KEY") or keys.get("masterKey", "")
         self._http = httpx.Client(timeout=timeout_s)
 
     def _call(self, method: str, path: str, *, key: str | None = None, **kwargs) -> dict:
