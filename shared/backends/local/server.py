@@ -1,0 +1,406 @@
+"""The local backend's online endpoint: one fine-tuned model behind an Azure ML-style scoring API.
+
+``python -m shared.backends.local.server --model-uri URI --tracking-uri URI --port P
+--key-file F --state-file S [--model-cache-dir D]``
+
+Routes (127.0.0.1 only):
+
+* ``GET /health`` -> ``{"status": "ready"}`` (no auth; liveness and readiness probe)
+* ``POST /score`` -> ``{"output": "..."}`` for an Azure ML chat-completion request
+  ``{"input_data": {"input_string": [messages], "parameters": {...}}}``
+* ``POST /v1/chat/completions`` -> an OpenAI chat-completion response
+
+Both POST routes need ``Authorization: Bearer <key>``; the key is read from the key file and
+never logged. The state file reports ``ready`` (with pid and port) once the model is loaded
+and the port is listening, ``failed`` (with the error) if loading fails, ``stopped`` on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+MAX_BODY_BYTES = 1_048_576
+MAX_NEW_TOKENS = 512
+DEFAULT_NEW_TOKENS = 200
+ROLES = ("system", "user", "assistant")
+MODEL_INFO_FILE = "tunedrop_model.json"
+
+
+class BadRequest(ValueError):
+    """The request body is not what the route expects; the message names the field."""
+
+
+def write_state(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload) + "\n")
+    os.replace(tmp, path)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- request validation ------------------------------------------------------------------------
+
+
+def _messages(value: Any, field: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise BadRequest(f"{field} must be a non-empty list of messages")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise BadRequest(f"{where} must be an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise BadRequest(f"{where}.role must be one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise BadRequest(f"{where}.content must be a string")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _name(field: str, key: str) -> str:
+    return f"{field}.{key}" if field else key
+
+
+def _number(params: dict, key: str, field: str, low: float, high: float, default: float, low_open=False) -> float:
+    value = params.get(key)
+    if value is None:
+        return default
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (low < value if low_open else low <= value)
+        or not value <= high
+    ):
+        span = f"{'above' if low_open else 'from'} {low:g} up to {high:g}"
+        raise BadRequest(f"{_name(field, key)} must be a number {span}")
+    return float(value)
+
+
+def _int(params: dict, key: str, field: str, default: int) -> int:
+    value = params.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest(f"{_name(field, key)} must be a positive integer")
+    return min(value, MAX_NEW_TOKENS)
+
+
+def _sampling(params: dict, field: str, tokens_key: str, sample_by_default: bool) -> dict[str, Any]:
+    temperature = _number(params, "temperature", field, 0.0, 2.0, 1.0)
+    top_p = _number(params, "top_p", field, 0.0, 1.0, 1.0, low_open=True)
+    do_sample = params.get("do_sample", sample_by_default)
+    if not isinstance(do_sample, bool):
+        raise BadRequest(f"{_name(field, 'do_sample')} must be true or false")
+    return {
+        "temperature": temperature,
+        "top_p": top_p,
+        "do_sample": do_sample and temperature > 0,
+        "max_new_tokens": _int(params, tokens_key, field, DEFAULT_NEW_TOKENS),
+    }
+
+
+def parse_score_request(body: Any) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object with input_data")
+    data = body.get("input_data")
+    if not isinstance(data, dict):
+        raise BadRequest("input_data must be an object with input_string")
+    messages = _messages(data.get("input_string"), "input_data.input_string")
+    params = data.get("parameters", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise BadRequest("input_data.parameters must be an object")
+    # As the Hugging Face pipeline behind Azure ML: greedy unless do_sample is asked for.
+    return messages, _sampling(params, "input_data.parameters", "max_new_tokens", sample_by_default=False)
+
+
+def parse_openai_request(body: Any) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object with messages")
+    messages = _messages(body.get("messages"), "messages")
+    if body.get("stream"):
+        raise BadRequest("stream is not supported")
+    if body.get("n") not in (None, 1):
+        raise BadRequest("n must be 1")
+    params = {k: body.get(k) for k in ("temperature", "top_p", "max_tokens")}
+    if params["max_tokens"] is None and body.get("max_completion_tokens") is not None:
+        params["max_tokens"] = body["max_completion_tokens"]
+    # As OpenAI: sampling at temperature 1 unless told otherwise.
+    return messages, _sampling(params, "", "max_tokens", sample_by_default=True)
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+class Generator:
+    """The merged model and its tokenizer; one generation at a time."""
+
+    def __init__(self, model, tokenizer, name: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.lock = threading.Lock()
+
+    def generate(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        tok = self.tokenizer
+        inputs = tok.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        prompt_len = inputs["input_ids"].shape[1]
+        kwargs: dict[str, Any] = {"max_new_tokens": sampling["max_new_tokens"]}
+        if sampling["do_sample"]:
+            kwargs |= {"do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"]}
+        else:
+            kwargs |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        with self.lock, torch.inference_mode():
+            output = self.model.generate(**inputs, pad_token_id=pad, **kwargs)
+        new = output[0, prompt_len:]
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+        stopped = len(new) > 0 and int(new[-1]) in eos_ids
+        return {
+            "text": tok.decode(new, skip_special_tokens=True).strip(),
+            "prompt_tokens": int(prompt_len),
+            "completion_tokens": int(len(new)),
+            "finish_reason": "stop" if stopped or len(new) < sampling["max_new_tokens"] else "length",
+        }
+
+
+def load_generator(model_uri: str, tracking_uri: str, cache_dir: Path) -> Generator:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import mlflow
+    import torch
+    import transformers
+
+    from shared.backends.local.models import load_for_inference, resolve_base_model
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(os.cpu_count() or 1)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="tunedrop-model-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        info_path = local / MODEL_INFO_FILE
+        if not info_path.is_file():
+            raise FileNotFoundError(f"{model_uri} has no {MODEL_INFO_FILE}")
+        info = json.loads(info_path.read_text())
+        if info.get("adapter"):
+            base = resolve_base_model(info["base_model"], cache_dir)
+            model, tokenizer = load_for_inference(base, adapter_dir=local)
+        else:
+            model, tokenizer = load_for_inference(local)
+    name = model_uri.split("/", 1)[-1].lstrip("/") if model_uri.startswith("models:/") else model_uri
+    return Generator(model, tokenizer, name)
+
+
+# -- HTTP --------------------------------------------------------------------------------------
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "tunedrop-local"
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+
+    generator: Generator
+    key: bytes
+
+    def log_message(self, format: str, *args: Any) -> None:  # no headers, so never the key
+        log(f"{self.address_string()} {format % args}")
+
+    def _send(self, status: int, payload: dict[str, Any]) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] == "/health":
+            self._send(200, {"status": "ready"})
+        else:
+            self._send(404, {"error": "not found"})
+
+    def _authorized(self) -> bool:
+        header = self.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return False
+        return hmac.compare_digest(token.strip().encode(), self.key)
+
+    def _content_length(self) -> int | None:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return None
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return None
+        return length if length >= 0 else None
+
+    def _discard_body(self, length: int | None) -> None:
+        """Read and drop an unwanted body, so closing the socket does not reset the client."""
+        self.close_connection = True
+        remaining = length if length is not None and length <= 16 * MAX_BODY_BYTES else 0
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 65536))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+
+    def _read_body(self) -> Any:
+        """The parsed JSON body; sends the error response and returns None when it cannot."""
+        length = self._content_length()
+        if length is None:
+            self.close_connection = True
+            self._send(411, {"error": "a Content-Length header is required"})
+            return None
+        if length > MAX_BODY_BYTES:
+            self._discard_body(length)
+            self._send(413, {"error": f"body is larger than {MAX_BODY_BYTES} bytes"})
+            return None
+        raw = self.rfile.read(length)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            self._send(400, {"error": "body is not valid JSON"})
+            return None
+
+    def do_POST(self) -> None:
+        route = self.path.split("?", 1)[0]
+        if route not in ("/score", "/v1/chat/completions"):
+            self._discard_body(self._content_length())
+            self._send(404, {"error": "not found"})
+            return
+        if not self._authorized():
+            self._discard_body(self._content_length())
+            self._send(401, {"error": "unauthorized"})
+            return
+        body = self._read_body()
+        if body is None:
+            return
+        try:
+            if route == "/score":
+                messages, sampling = parse_score_request(body)
+            else:
+                messages, sampling = parse_openai_request(body)
+        except BadRequest as exc:
+            self._send(400, {"error": str(exc)})
+            return
+        try:
+            result = self.generator.generate(messages, sampling)
+        except Exception as exc:  # never a stack trace in a response
+            log(f"generation failed: {type(exc).__name__}: {exc}")
+            self._send(500, {"error": "generation failed"})
+            return
+        if route == "/score":
+            self._send(200, {"output": result["text"]})
+            return
+        self._send(
+            200,
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": str(body.get("model") or self.generator.name),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result["text"]},
+                        "finish_reason": result["finish_reason"],
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": result["prompt_tokens"],
+                    "completion_tokens": result["completion_tokens"],
+                    "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
+                },
+            },
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shared.backends.local.server", description=__doc__.split("\n")[0])
+    parser.add_argument("--model-uri", required=True, help="models:/<name>/<version> or runs:/<id>/model")
+    parser.add_argument("--tracking-uri", required=True, help="MLflow tracking (and registry) URI")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--key-file", type=Path, required=True, help="file holding the bearer key")
+    parser.add_argument("--state-file", type=Path, required=True, help="JSON state written here")
+    parser.add_argument("--model-cache-dir", type=Path, default=None, help="base model cache (TUNEDROP_MODEL_CACHE)")
+    args = parser.parse_args(argv)
+    state_file: Path = args.state_file
+    cache_dir = args.model_cache_dir or Path(
+        os.environ.get("TUNEDROP_MODEL_CACHE") or Path.home() / ".cache" / "tunedrop"
+    ).expanduser()
+
+    pid = os.getpid()
+    stop = threading.Event()
+    serving = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+        if not serving.is_set():
+            raise _Stopped()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        key = args.key_file.read_text().strip().encode()
+        if not key:
+            raise ValueError(f"key file {args.key_file} is empty")
+        generator = load_generator(args.model_uri, args.tracking_uri, cache_dir)
+        handler = type("BoundHandler", (Handler,), {"generator": generator, "key": key})
+        server = ThreadingHTTPServer(("127.0.0.1", args.port), handler)
+        server.daemon_threads = True
+        serving.set()
+    except _Stopped:
+        write_state(state_file, {"state": "stopped", "pid": pid, "model_uri": args.model_uri})
+        return 0
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        message = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        log(f"failed to start: {message}")
+        write_state(state_file, {"state": "failed", "error": message, "pid": pid, "model_uri": args.model_uri})
+        return 1
+
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    thread.start()
+    write_state(state_file, {"state": "ready", "pid": pid, "port": args.port, "model_uri": args.model_uri})
+    log(f"serving {args.model_uri} on 127.0.0.1:{args.port}")
+    while not stop.wait(1.0):
+        pass
+    log("stopping")
+    server.shutdown()
+    server.server_close()
+    write_state(state_file, {"state": "stopped", "pid": pid, "model_uri": args.model_uri})
+    return 0
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGINT arrived before the server was listening."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,579 @@
+"""The local backend's fine-tune job: ``python -m shared.backends.local.trainer JOB_DIR``.
+
+``JOB_DIR/job.json``::
+
+    {"job_name", "run_id" (tunedrop's), "experiment_name", "base_model", "model_cache_dir",
+     "dataset": {"container", "blob", "etag" (or null)}, "config": TrainingConfig.to_dict(),
+     "tracking_uri", "events_url" (or null), "workspace_id",
+     optional "artifact_location" (for a new experiment; default: mlartifacts/ beside a SQLite
+     database), optional "events_attempts" (default 5)}
+
+The job reports as an Azure ML job does: ``JOB_DIR/status.json`` (Running, then Completed,
+Failed or Canceled on SIGTERM) and Azure ML-shaped run events posted to ``events_url``. It
+downloads the dataset blob version (``TUNEDROP_STORAGE``), splits it, applies LoRA to the base
+model and trains with a plain torch loop (loss on assistant tokens only), logs params, per-step
+metrics and the resulting model (artifact path ``model``, an MLflow model with an MLmodel file)
+to MLflow. Exit code 0 when completed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from shared.events import RUN_ID_TAG, run_event
+from shared.training import TrainingConfig
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODEL_ARTIFACT_PATH = "model"
+MODEL_INFO_FILE = "tunedrop_model.json"
+IGNORE_INDEX = -100
+
+
+class JobCanceled(Exception):
+    """The job received SIGTERM."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# -- events ------------------------------------------------------------------------------------
+
+
+def post_event(url: str | None, event: dict[str, Any], attempts: int = 5, timeout_s: float = 10.0) -> bool:
+    """POST one event (as an Event Grid array) to ``url``; retries, never raises."""
+    if not url:
+        return False
+    body = json.dumps([event]).encode()
+    headers = {"Content-Type": "application/json", "aeg-event-type": "Notification"}
+    delay = 0.5
+    for attempt in range(1, attempts + 1):
+        try:
+            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                response.read()
+            return True
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500 and exc.code not in (408, 429):
+                log(f"event {event['eventType'].rsplit('.', 1)[-1]} rejected: HTTP {exc.code}")
+                return False
+            problem = f"HTTP {exc.code}"
+        except Exception as exc:  # unreachable host, timeout, reset...
+            problem = f"{type(exc).__name__}: {exc}"
+        if attempt < attempts:
+            time.sleep(delay)
+            delay *= 2
+    log(f"event not delivered after {attempts} tries ({problem})")
+    return False
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def parse_dataset(path: Path) -> list[list[dict[str, str]]]:
+    """Conversations of a validated chat JSONL file, parsed the way the validator reads them."""
+    from shared.validation import iter_conversations
+
+    def chunks():
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                yield chunk
+
+    return list(iter_conversations(chunks()))
+
+
+def split_examples(examples: Sequence[Any], test_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Deterministic train/test split; at least one test example when there are two or more."""
+    n = len(examples)
+    n_test = 0
+    if n >= 2 and test_fraction > 0:
+        n_test = min(n - 1, max(1, round(n * test_fraction)))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    test_ids = set(order[:n_test])
+    train = [e for i, e in enumerate(examples) if i not in test_ids]
+    test = [e for i, e in enumerate(examples) if i in test_ids]
+    return train, test
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: Sequence[dict[str, str]], text: str) -> list[tuple[int, int]]:
+    """Character spans of ``text`` (the rendered conversation) the model is trained to produce.
+
+    Each span is an assistant message's content followed by the end-of-turn token when the
+    template puts it right after the content.
+    """
+    eos = tokenizer.eos_token or ""
+    spans, cursor = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        content = message["content"]
+        prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        if prefix and text.startswith(prefix) and text.startswith(content, len(prefix)):
+            start = len(prefix)
+        else:  # a template that renders prefixes differently: find the content in order
+            start = text.find(content, cursor)
+            if start < 0:
+                continue
+        end = start + len(content)
+        if eos and text.startswith(eos, end):
+            end += len(eos)
+        spans.append((start, end))
+        cursor = end
+    return spans
+
+
+def encode_conversation(tokenizer, messages: Sequence[dict[str, str]], max_length: int):
+    """(input_ids, labels) with labels -100 everywhere but the assistant spans; None if nothing to learn."""
+    text = _render(tokenizer, messages, add_generation_prompt=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])[:max_length]
+    offsets = list(encoded["offset_mapping"])[: len(ids)]
+    spans = assistant_spans(tokenizer, messages, text)
+    labels = [IGNORE_INDEX] * len(ids)
+    for k, (a, b) in enumerate(offsets):
+        if any(a < end and b > start for start, end in spans):
+            labels[k] = ids[k]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return None
+    return ids, labels
+
+
+# -- batching ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    input_ids: Any
+    attention_mask: Any
+    labels: Any
+    tokens: int  # real (non-padding) tokens
+    targets: int  # tokens the loss is computed on
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        attention[row, : len(ids)] = 1
+    return Batch(input_ids, attention, labels, int(attention.sum()), int((labels[:, 1:] != IGNORE_INDEX).sum()))
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of indices whose members have similar lengths (little padding)."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * 50
+    batches = []
+    for start in range(0, len(order), mega):
+        group = sorted(order[start : start + mega], key=lambda i: lengths[i], reverse=True)
+        batches += [group[k : k + batch_size] for k in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def lr_factor(kind: str, step: int, total: int, warmup: int = 0) -> float:
+    """Multiplier of the peak learning rate for optimiser step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant" or total <= warmup:
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def use_bf16() -> bool:
+    """bf16 autocast (fp32 master weights) where the CPU computes bf16 natively; TUNEDROP_LOCAL_BF16=0/1 forces it."""
+    forced = os.environ.get("TUNEDROP_LOCAL_BF16", "").strip().lower()
+    if forced in ("0", "false", "no", "off"):
+        return False
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def autocast(enabled: bool):
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def batch_loss_sum(model, batch: Batch):
+    """Summed cross-entropy over the batch's target tokens (logits computed only where needed)."""
+    import torch
+    import torch.nn.functional as F
+
+    targets_next = batch.labels[:, 1:]
+    keep = torch.zeros_like(batch.labels, dtype=torch.bool)
+    keep[:, :-1] = targets_next != IGNORE_INDEX
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep, use_cache=False
+    ).logits
+    logits = logits.reshape(-1, logits.shape[-1])
+    targets = targets_next[keep[:, :-1]]
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def evaluate(model, batches: Iterable[Batch], bf16: bool = False) -> float | None:
+    import torch
+
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast(bf16):
+        for batch in batches:
+            if batch.targets:
+                total += float(batch_loss_sum(model, batch))
+                count += batch.targets
+    model.train(was_training)
+    return total / count if count else None
+
+
+# -- the job -----------------------------------------------------------------------------------
+
+
+class Job:
+    def __init__(self, job_dir: Path):
+        self.dir = job_dir
+        self.spec = json.loads((job_dir / "job.json").read_text())
+        self.status_path = job_dir / "status.json"
+        self.started_at = now()
+        self.mlflow_run_id: str | None = None
+        self._poster: threading.Thread | None = None
+
+    def status(self, state: str, **fields: Any) -> None:
+        write_json_atomic(
+            self.status_path, {"state": state, "pid": os.getpid(), "started_at": self.started_at, **fields}
+        )
+
+    def event(self, status: str, run_properties: dict[str, str] | None = None, wait: bool = True) -> None:
+        """Post a run event; ``wait=False`` posts in the background (joined before the next event)."""
+        spec = self.spec
+        if self._poster is not None:
+            self._poster.join()
+            self._poster = None
+        event = run_event(
+            status=status,
+            topic=spec.get("workspace_id", ""),
+            job_name=spec["job_name"],
+            experiment_name=spec["experiment_name"],
+            run_tags={RUN_ID_TAG: spec["run_id"]},
+            run_properties=run_properties,
+        )
+        attempts = int(spec.get("events_attempts") or 5)
+        if wait:
+            post_event(spec.get("events_url"), event, attempts=attempts)
+        else:
+            self._poster = threading.Thread(
+                target=post_event, args=(spec.get("events_url"), event), kwargs={"attempts": attempts}, daemon=True
+            )
+            self._poster.start()
+
+    def run(self) -> int:
+        self.status("Running")
+        self.event("Running", wait=False)  # training need not wait for an unreachable host
+        try:
+            metrics = self.train()
+        except BaseException as exc:
+            canceled = isinstance(exc, (JobCanceled, KeyboardInterrupt))
+            state = "Canceled" if canceled else "Failed"
+            message = "canceled" if canceled else one_line(exc)
+            if not canceled:
+                traceback.print_exc(file=sys.stderr)
+            log(f"job {state.lower()}: {message}")
+            self._end_mlflow("KILLED" if canceled else "FAILED")
+            self.status(state, error=message, mlflow_run_id=self.mlflow_run_id, ended_at=now())
+            self.event(state, {"mlflow_run_id": self.mlflow_run_id} if self.mlflow_run_id else None)
+            return 1
+        self.status("Completed", mlflow_run_id=self.mlflow_run_id, metrics=metrics, ended_at=now())
+        self.event("Completed", {"mlflow_run_id": self.mlflow_run_id})
+        log(f"job completed: mlflow run {self.mlflow_run_id}")
+        return 0
+
+    def _end_mlflow(self, status: str) -> None:
+        if "mlflow" in sys.modules and self.mlflow_run_id:
+            try:
+                sys.modules["mlflow"].end_run(status=status)
+            except Exception:
+                pass
+
+    def train(self) -> dict[str, Any]:
+        spec = self.spec
+        config = TrainingConfig().with_overrides(spec.get("config") or {}, source="job config")
+        dataset = spec["dataset"]
+
+        from shared.storage import Storage
+
+        data_path = self.dir / "dataset.jsonl"
+        Storage().download_blob(dataset["container"], dataset["blob"], dataset.get("etag"), data_path)
+        conversations = parse_dataset(data_path)
+        if not conversations:
+            raise ValueError(f"dataset {dataset['blob']} holds no chat examples")
+        train_rows, test_rows = split_examples(conversations, config.test_fraction, config.seed)
+        log(f"dataset: {len(train_rows)} train, {len(test_rows)} test")
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        import torch
+
+        from shared.backends.local.models import resolve_base_model
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        import mlflow
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+        cache_dir = spec.get("model_cache_dir") or str(Path.home() / ".cache" / "tunedrop")
+        base_dir = resolve_base_model(spec["base_model"], Path(cache_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+        train_set = [e for e in (encode_conversation(tokenizer, m, config.max_seq_length) for m in train_rows) if e]
+        test_set = [e for e in (encode_conversation(tokenizer, m, config.max_seq_length) for m in test_rows) if e]
+        if not train_set:
+            raise ValueError("no training example has an assistant message within max_seq_length")
+
+        torch.manual_seed(config.seed)
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        model.config.use_cache = False
+        if config.apply_lora:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=config.lora_r,
+                    lora_alpha=config.lora_alpha,
+                    lora_dropout=config.lora_dropout,
+                    target_modules=list(LORA_TARGETS),
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        bf16 = use_bf16()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in trainable)
+
+        bs = config.per_device_train_batch_size
+        accum = config.gradient_accumulation_steps
+        steps_per_epoch = math.ceil(math.ceil(len(train_set) / bs) / accum)
+        total_steps = steps_per_epoch * config.num_train_epochs
+        if config.max_steps > 0:
+            total_steps = min(total_steps, config.max_steps)
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(config.lr_scheduler_type, s, total_steps)
+        )
+        eval_batches = [
+            collate(test_set[k : k + config.per_device_eval_batch_size], pad_id)
+            for k in range(0, len(test_set), config.per_device_eval_batch_size)
+        ]
+
+        mlflow.set_tracking_uri(spec["tracking_uri"])
+        mlflow.set_experiment(experiment_id=ensure_experiment(spec))
+        run = mlflow.start_run(
+            run_name=spec["job_name"], tags={RUN_ID_TAG: spec["run_id"], "job_name": spec["job_name"]}
+        )
+        self.mlflow_run_id = run.info.run_id
+        mlflow.log_params(
+            {
+                **config.to_dict(),
+                "base_model": spec["base_model"],
+                "train_examples": len(train_set),
+                "test_examples": len(test_set),
+                "trainable_parameters": n_trainable,
+                "total_steps": total_steps,
+                "bf16_autocast": bf16,
+            }
+        )
+        metrics: dict[str, Any] = {"train_examples": len(train_set), "test_examples": len(test_set)}
+        initial = evaluate(model, eval_batches, bf16)
+        if initial is not None:
+            metrics["eval_loss_initial"] = initial
+            mlflow.log_metric("eval_loss_initial", initial, step=0)
+            log(f"eval_loss_initial {initial:.4f}")
+
+        log(f"training {total_steps} steps, {n_trainable:,} trainable parameters, {'bf16' if bf16 else 'fp32'}")
+        model.train()
+        rng = random.Random(config.seed)
+        lengths = [len(ids) for ids, _ in train_set]
+        step, tokens_seen, losses = 0, 0, []
+        started = time.perf_counter()
+        for epoch in range(config.num_train_epochs):
+            if step >= total_steps:
+                break
+            batches = [collate([train_set[i] for i in b], pad_id) for b in length_grouped_batches(lengths, bs, rng)]
+            windows = [batches[k : k + accum] for k in range(0, len(batches), accum)]
+            for window in windows:
+                if step >= total_steps:
+                    break
+                step_started = time.perf_counter()
+                targets = sum(b.targets for b in window)
+                if not targets:
+                    continue
+                loss_total = 0.0
+                for batch in window:
+                    with autocast(bf16):
+                        loss = batch_loss_sum(model, batch) / targets
+                    loss.backward()
+                    loss_total += float(loss.detach())
+                    tokens_seen += batch.tokens
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                losses.append(loss_total)
+                window_tokens = sum(b.tokens for b in window)
+                rate = window_tokens / max(1e-9, time.perf_counter() - step_started)
+                mlflow.log_metrics({"train_loss": loss_total, "learning_rate": lr}, step=step)
+                log(f"step {step}/{total_steps} loss {loss_total:.4f} lr {lr:.2e} {rate:.0f} tok/s")
+        runtime = time.perf_counter() - started
+        metrics.update(
+            {
+                "train_loss": losses[-1] if losses else None,
+                "train_loss_mean": sum(losses) / len(losses) if losses else None,
+                "train_steps": step,
+                "train_runtime_s": runtime,
+                "train_tokens": tokens_seen,
+                "train_tokens_per_second": tokens_seen / runtime if runtime > 0 else 0.0,
+            }
+        )
+        final = evaluate(model, eval_batches, bf16)
+        if final is not None:
+            metrics["eval_loss"] = final
+            log(f"eval_loss {final:.4f}")
+        mlflow.log_metrics(
+            {
+                k: float(v)
+                for k, v in metrics.items()
+                if v is not None and k not in ("eval_loss_initial", "train_loss")
+            },
+            step=step,
+        )
+
+        out = self.dir / "model"
+        out.mkdir(exist_ok=True)
+        model.config.use_cache = True  # as saved for inference
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        info = {"base_model": spec["base_model"], "adapter": bool(config.apply_lora)}
+        (out / MODEL_INFO_FILE).write_text(json.dumps(info) + "\n")
+        # An MLmodel file makes the folder an MLflow model: register_model("runs:/<id>/model") accepts it.
+        from mlflow.models import Model
+
+        mlmodel = Model(artifact_path=MODEL_ARTIFACT_PATH, run_id=self.mlflow_run_id)
+        mlmodel.add_flavor("tunedrop", **info)
+        mlmodel.save(str(out / "MLmodel"))
+        mlflow.log_artifacts(str(out), artifact_path=MODEL_ARTIFACT_PATH)
+        mlflow.end_run()
+        log(f"train_runtime_s {runtime:.1f} train_tokens_per_second {metrics['train_tokens_per_second']:.0f}")
+        return metrics
+
+
+def artifact_location(spec: dict[str, Any]) -> str | None:
+    """Where a new experiment keeps its artifacts: ``artifact_location`` from job.json, else
+    ``mlartifacts`` beside a SQLite tracking database (never ./mlruns in the working directory)."""
+    if spec.get("artifact_location"):
+        return str(spec["artifact_location"])
+    uri = str(spec["tracking_uri"])
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if db.is_absolute():
+            return (db.parent / "mlartifacts").as_uri()
+    return None
+
+
+def ensure_experiment(spec: dict[str, Any]) -> str:
+    """The experiment's id, creating it (with its artifact location) if it does not exist yet."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(spec["tracking_uri"])
+    name = spec["experiment_name"]
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(spec))
+    except MlflowException:  # created by a concurrent job meanwhile
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0].strip() if text else ""
+    return f"{type(exc).__name__}: {first}"[:500] if first else type(exc).__name__
+
+
+def _on_sigterm(signum, frame):
+    raise JobCanceled()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m shared.backends.local.trainer JOB_DIR", file=sys.stderr)
+        return 2
+    job_dir = Path(args[0]).resolve()
+    try:
+        job = Job(job_dir)
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        try:
+            write_json_atomic(job_dir / "status.json", {"state": "Failed", "error": one_line(exc), "ended_at": now()})
+        except OSError:
+            pass
+        return 1
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return job.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

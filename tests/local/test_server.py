@@ -1,0 +1,157 @@
+"""The local online endpoint, started as a subprocess on a model registered from a real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.local.conftest import ROOT
+from tunedrop.azurite import free_port
+
+KEY = "test-key-0123456789abcdef"
+
+
+def start_server(tmp_path, model_uri, tracking_uri, model_cache, name="server"):
+    key_file = tmp_path / f"{name}.key"
+    key_file.write_text(KEY + "\n")
+    state_file = tmp_path / f"{name}.state.json"
+    port = free_port()
+    log = open(tmp_path / f"{name}.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shared.backends.local.server", "--model-uri", model_uri, "--tracking-uri",
+         tracking_uri, "--port", str(port), "--key-file", str(key_file), "--state-file", str(state_file),
+         "--model-cache-dir", str(model_cache)],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    log.close()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and process.poll() is None and not state_file.exists():
+        time.sleep(0.1)
+    return process, port, state_file
+
+
+def request(port, path, body=None, key=None, raw=None, method=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if key is not None:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, model_cache, tmp_path_factory):
+    import mlflow
+
+    tracking_uri = trained_run["job"]["tracking_uri"]
+    mlflow.set_tracking_uri(tracking_uri)
+    version = mlflow.register_model(f"runs:/{trained_run['status']['mlflow_run_id']}/model", "sums-chat")
+    tmp_path = tmp_path_factory.mktemp("server")
+    process, port, state_file = start_server(tmp_path, f"models:/sums-chat/{version.version}", tracking_uri,
+                                             model_cache)
+    log = tmp_path / "server.log"
+    assert state_file.exists(), log.read_text()
+    state = json.loads(state_file.read_text())
+    assert state["state"] == "ready", log.read_text()
+    yield {"process": process, "port": port, "state": state, "state_file": state_file, "log": log}
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+SCORE = {
+    "input_data": {
+        "input_string": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 3?"}],
+        "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 12},
+    },
+    "params": {},
+}
+
+
+def test_ready_state_and_health(server):
+    assert server["state"]["pid"] == server["process"].pid and server["state"]["port"] == server["port"]
+    assert server["state"]["model_uri"].startswith("models:/sums-chat/")
+    assert request(server["port"], "/health") == (200, {"status": "ready"})
+
+
+def test_score_answers_with_a_string(server):
+    status, body = request(server["port"], "/score", SCORE, key=KEY)
+    assert status == 200 and set(body) == {"output"} and isinstance(body["output"], str)
+    greedy = {"input_data": {**SCORE["input_data"], "parameters": {"temperature": 0, "max_new_tokens": 8}}}
+    first, second = (request(server["port"], "/score", greedy, key=KEY) for _ in range(2))
+    assert first == second  # temperature 0: greedy, deterministic
+
+
+def test_score_needs_the_key(server):
+    assert request(server["port"], "/score", SCORE) == (401, {"error": "unauthorized"})
+    assert request(server["port"], "/score", SCORE, key="wrong") == (401, {"error": "unauthorized"})
+    assert request(server["port"], "/v1/chat/completions", {"messages": []}, key=KEY[:-1]) == (
+        401, {"error": "unauthorized"})
+    assert KEY not in server["log"].read_text()
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"input_data": {"input_string": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}},
+     "input_data.input_string[1].role must be one of system, user, assistant"),
+    ({"input_data": {"input_string": [{"role": "user", "content": 5}]}}, "input_data.input_string[0].content"),
+    ({"input_data": {"input_string": []}}, "input_data.input_string"),
+    ({"inputs": "hi"}, "input_data"),
+    ({"input_data": {"input_string": [{"role": "user", "content": "hi"}], "parameters": {"top_p": 7}}},
+     "input_data.parameters.top_p"),
+    ({"input_data": {"input_string": [{"role": "user", "content": "hi"}], "parameters": {"max_new_tokens": "9"}}},
+     "input_data.parameters.max_new_tokens"),
+])
+def test_bad_score_bodies_name_the_field(server, body, field):
+    status, answer = request(server["port"], "/score", body, key=KEY)
+    assert status == 400 and field in answer["error"]
+    assert "Traceback" not in answer["error"]
+
+
+def test_malformed_and_oversized_bodies(server):
+    status, answer = request(server["port"], "/score", raw=b"{not json", key=KEY)
+    assert status == 400 and "JSON" in answer["error"]
+    status, answer = request(server["port"], "/score", raw=b"x" * (1_048_576 + 1), key=KEY)
+    assert status == 413
+    assert request(server["port"], "/nowhere", {}, key=KEY)[0] == 404
+
+
+def test_openai_chat_completions(server):
+    status, body = request(server["port"], "/v1/chat/completions", {
+        "model": "sums", "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
+        "temperature": 0, "max_tokens": 6}, key=KEY)
+    assert status == 200
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-") and body["model"] == "sums"
+    choice = body["choices"][0]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str) and choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 6
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    status, body = request(server["port"], "/v1/chat/completions", {"messages": [{"role": "user"}]}, key=KEY)
+    assert status == 400 and body["error"] == "messages[0].content must be a string"
+
+
+def test_sigterm_stops_cleanly(server):
+    server["process"].send_signal(signal.SIGTERM)
+    assert server["process"].wait(timeout=30) == 0
+    assert json.loads(server["state_file"].read_text())["state"] == "stopped"
+
+
+def test_load_failure_is_reported(trained_run, model_cache, tmp_path):
+    process, _, state_file = start_server(tmp_path, "models:/no-such-model/1", trained_run["job"]["tracking_uri"],
+                                          model_cache, name="bad")
+    assert process.wait(timeout=60) == 1
+    state = json.loads(state_file.read_text())
+    assert state["state"] == "failed" and state["error"] and "\n" not in state["error"]

@@ -1,0 +1,182 @@
+"""The local fine-tune job, run for real as a subprocess on tiny-random."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from shared.backends.local.models import TINY_RANDOM, resolve_base_model
+from shared.backends.local.trainer import (
+    IGNORE_INDEX,
+    encode_conversation,
+    lr_factor,
+    parse_dataset,
+    split_examples,
+)
+from shared.events import RUN_COMPLETED, RUN_ID_TAG, RUN_STATUS_CHANGED, RunEvent
+from tests.local.conftest import EventRecorder, run_trainer, upload, write_job
+
+
+def test_training_run_completes_and_reports_like_azure_ml(trained_run):
+    status, job = trained_run["status"], trained_run["job"]
+    assert status["state"] == "Completed", trained_run["log"]
+    metrics = status["metrics"]
+    assert metrics["train_examples"] == 16 and metrics["test_examples"] == 4
+    assert metrics["train_steps"] == 32  # 16 examples, batch 1, 2 epochs
+    assert metrics["train_tokens_per_second"] > 0 and metrics["train_runtime_s"] > 0
+    assert math.isfinite(metrics["eval_loss"])
+    assert metrics["eval_loss"] < metrics["eval_loss_initial"]  # it learned something
+
+    events = trained_run["events"]
+    assert [e["eventType"] for e in events] == [RUN_STATUS_CHANGED, RUN_COMPLETED]
+    assert all(p["headers"].get("aeg-event-type") == "Notification" for p in trained_run["posts"])
+    running, completed = (RunEvent(e["id"], e["eventType"], e["topic"], e["subject"], e["data"]) for e in events)
+    assert running.run_status == "Running" and completed.run_status == "Completed"
+    for event in (running, completed):
+        assert event.tunedrop_run_id == job["run_id"]
+        assert event.run_id == job["job_name"]
+        assert event.experiment_name == job["experiment_name"]
+        assert event.topic == job["workspace_id"]
+    assert completed.run_properties == {"mlflow_run_id": status["mlflow_run_id"]}
+
+
+def test_training_run_is_logged_to_mlflow(trained_run):
+    from mlflow import MlflowClient
+
+    status, job = trained_run["status"], trained_run["job"]
+    client = MlflowClient(job["tracking_uri"])
+    run = client.get_run(status["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[RUN_ID_TAG] == job["run_id"] and run.data.tags["job_name"] == job["job_name"]
+    assert run.data.params["learning_rate"] == "0.005" and run.data.params["lora_r"] == "8"
+    assert run.data.params["base_model"] == TINY_RANDOM
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, 33))
+    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "learning_rate")]
+    assert lrs[0] == pytest.approx(5e-3) and lrs[-1] < lrs[0] / 10  # cosine decay
+    for name in ("eval_loss", "eval_loss_initial", "train_tokens_per_second", "train_runtime_s",
+                 "train_examples", "test_examples"):
+        assert name in run.data.metrics, name
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tunedrop_model.json", "MLmodel"):
+        assert f"model/{name}" in artifacts
+    local = client.download_artifacts(run.info.run_id, "model/tunedrop_model.json", str(trained_run["job_dir"] / "dl"))
+    assert json.loads(open(local).read()) == {"base_model": TINY_RANDOM, "adapter": True}
+    adapter = json.loads((trained_run["job_dir"] / "model" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert "mlartifacts" in run.info.artifact_uri  # beside the database, not ./mlruns
+
+
+def test_missing_dataset_fails_with_a_failed_event(storage_env, model_cache, tmp_path):
+    connection = storage_env["TUNEDROP_STORAGE"]
+    container = storage_env["TUNEDROP_TRAINING_CONTAINER"]
+    upload(connection, container, "other.jsonl", b"{}\n")
+    recorder = EventRecorder()
+    job_dir = tmp_path / "job"
+    job = write_job(job_dir, container=container, blob="missing.jsonl", etag=None,
+                    model_cache=model_cache, events_url=recorder.url)
+    try:
+        result = run_trainer(job_dir, connection)
+    finally:
+        recorder.close()
+    assert result.returncode == 1
+    status = json.loads((job_dir / "status.json").read_text())
+    assert status["state"] == "Failed"
+    assert "BlobNotFound" in status["error"] or "does not exist" in status["error"]
+    assert "\n" not in status["error"]
+    assert "Traceback" in (job_dir / "train.log").read_text()
+    events = recorder.events
+    assert [(e["eventType"], e["data"].get("runStatus")) for e in events] == [
+        (RUN_STATUS_CHANGED, "Running"), (RUN_STATUS_CHANGED, "Failed")]
+    assert all(e["data"]["runTags"] == {RUN_ID_TAG: job["run_id"]} for e in events)
+
+
+def test_unreachable_events_url_does_not_fail_the_job(storage_env, model_cache, tmp_path):
+    from tunedrop.azurite import free_port
+
+    connection = storage_env["TUNEDROP_STORAGE"]
+    container = storage_env["TUNEDROP_TRAINING_CONTAINER"]
+    etag = upload(connection, container, "tiny.jsonl",
+                  b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+                  b'{"messages": [{"role": "user", "content": "yo"}, {"role": "assistant", "content": "hey"}]}\n')
+    job_dir = tmp_path / "job"
+    write_job(job_dir, container=container, blob="tiny.jsonl", etag=etag, model_cache=model_cache,
+              events_url=f"http://127.0.0.1:{free_port()}/nobody",
+              config={"max_steps": 1, "apply_lora": False, "max_seq_length": 64})
+    job = json.loads((job_dir / "job.json").read_text())
+    (job_dir / "job.json").write_text(json.dumps({**job, "events_attempts": 2}))  # retries, but briefly
+    result = run_trainer(job_dir, connection)
+    status = json.loads((job_dir / "status.json").read_text())
+    assert result.returncode == 0, (job_dir / "train.log").read_text()
+    assert status["state"] == "Completed"
+    assert status["metrics"]["train_steps"] == 1 and status["metrics"]["test_examples"] == 1
+    assert (job_dir / "model" / "model.safetensors").is_file()  # no LoRA: full weights
+    assert json.loads((job_dir / "model" / "tunedrop_model.json").read_text())["adapter"] is False
+    assert "event not delivered after 2 tries" in (job_dir / "train.log").read_text()
+
+
+def test_labels_cover_exactly_the_assistant_replies(model_cache):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(TINY_RANDOM, model_cache))
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 plus 3?"},
+        {"role": "assistant", "content": "2 plus 3 is 5."},
+        {"role": "user", "content": "And 4 plus 4?"},
+        {"role": "assistant", "content": "It is 8."},
+    ]
+    ids, labels = encode_conversation(tokenizer, messages, max_length=512)
+    assert len(ids) == len(labels)
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels))
+    # contiguous labelled runs, decoded: each reply followed by its end-of-turn token
+    runs, current = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    assert [tokenizer.decode(run) for run in runs] == ["2 plus 3 is 5.<|im_end|>", "It is 8.<|im_end|>"]
+    expected = tokenizer(["2 plus 3 is 5.", "It is 8."], add_special_tokens=False)["input_ids"]
+    assert runs == [expected[0] + [tokenizer.eos_token_id], expected[1] + [tokenizer.eos_token_id]]
+
+    truncated = encode_conversation(tokenizer, messages, max_length=40)
+    assert len(truncated[0]) == 40
+    assert encode_conversation(tokenizer, messages[:2], max_length=512) is None  # nothing to learn
+
+
+def test_parse_tolerates_bom_crlf_blank_lines_and_extra_keys(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(
+        "\ufeff{\"prompt\": \"p\", \"prompt_id\": \"1\", \"messages\": [{\"role\": \"user\", \"content\": \"a\"}, "
+        "{\"role\": \"assistant\", \"content\": \"b\"}]}\r\n\r\n   \r\n"
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"c\"}, {\"role\": \"assistant\", \"content\": \"d\"}]}\r\n"
+        .encode()
+    )
+    assert parse_dataset(path) == [
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}],
+    ]
+
+
+def test_split_is_deterministic_and_keeps_a_test_example():
+    rows = list(range(20))
+    train, test = split_examples(rows, 0.1, seed=42)
+    assert (train, test) == split_examples(rows, 0.1, seed=42)
+    assert len(test) == 2 and sorted(train + test) == rows
+    assert split_examples(rows, 0.1, seed=7) != (train, test)
+    assert len(split_examples([1, 2], 0.01, seed=1)[1]) == 1
+    assert split_examples([1], 0.5, seed=1) == ([1], [])
+
+
+def test_schedules():
+    assert lr_factor("constant", 5, 10) == 1.0
+    assert lr_factor("linear", 0, 10) == 1.0 and lr_factor("linear", 5, 10) == pytest.approx(0.5)
+    assert lr_factor("cosine", 0, 10) == 1.0 and lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert lr_factor("cosine", 9, 10) < 0.05
