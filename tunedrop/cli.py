@@ -122,7 +122,7 @@ def drop(file: Path, name: str | None, overrides: tuple[str, ...]):
         pass
     blob_name = name or file.name
     with open(file, "rb") as handle:
-        result = container.upload_blob(blob_name, handle, overwrite=True, metadata=metadata or None)
+        result = container.get_blob_client(blob_name).upload_blob(handle, overwrite=True, metadata=metadata or None)
     run_id = run_id_for(settings.training_container, blob_name, result["etag"])
     click.echo(f"Dropped {file} as {settings.training_container}/{blob_name}.")
     click.echo(f"Run id: {run_id}   (follow it: tunedrop status {run_id})")
@@ -211,7 +211,7 @@ def sweep():
 
 
 @cli.command()
-@click.option("--prompt", default="What is the capital of Norway?", show_default=True,
+@click.option("--prompt", default="What is the capital of Italy?", show_default=True,
               help="What to ask the fine-tuned model.")
 @click.option("--dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=PROJECT_ROOT / "samples" / "chat-sample.jsonl", show_default="samples/chat-sample.jsonl")

@@ -92,8 +92,10 @@ def _prepare_model(base_model: str, cache_dir: Path) -> float:
     started = time.monotonic()
     code = ("import sys; from pathlib import Path; from shared.backends.local.models import resolve_base_model; "
             "print(resolve_base_model(sys.argv[1], Path(sys.argv[2])))")
-    subprocess.run([sys.executable, "-c", code, base_model, str(cache_dir)], check=True, cwd=PROJECT_ROOT,
-                   stdout=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-c", code, base_model, str(cache_dir)], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"preparing {base_model} failed:\n{done.stderr[-2000:]}")
     return time.monotonic() - started
 
 
@@ -159,7 +161,7 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
         except ResourceExistsError:
             pass
         with open(dataset, "rb") as handle:
-            result = container.upload_blob(dataset.name, handle, overwrite=True)
+            result = container.get_blob_client(dataset.name).upload_blob(handle, overwrite=True)
         run_id = runs.run_id_for(settings.training_container, dataset.name, result["etag"])
         entered["received"] = time.monotonic()
         _step(clock, f"Dropped {dataset.name} into '{settings.training_container}'  ->  run {run_id}")
