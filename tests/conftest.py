@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,14 @@ def storage_env(azurite, monkeypatch, tmp_path):
     reset_default_storage()
     yield env
     reset_default_storage()
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """The base-model cache: $TUNEDROP_MODEL_CACHE when set (conversion shared across runs)."""
+    configured = os.environ.get("TUNEDROP_MODEL_CACHE")
+    if configured:
+        path = Path(configured).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("model-cache")

@@ -30,17 +30,6 @@ TRAINING_CONFIG = {
 }
 
 
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory) -> Path:
-    """The base-model cache: $TUNEDROP_MODEL_CACHE when set (conversion shared across runs)."""
-    configured = os.environ.get("TUNEDROP_MODEL_CACHE")
-    if configured:
-        path = Path(configured).expanduser().resolve()
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    return tmp_path_factory.mktemp("model-cache")
-
-
 def conversations(n: int = 20) -> list[dict]:
     """Small arithmetic chats: some with a system prompt, some with two turns, extra keys."""
     rows = []

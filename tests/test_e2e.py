@@ -1,0 +1,144 @@
+"""The whole loop through the local Functions host, with real processes and real HTTP:
+drop -> validate -> LoRA fine-tune (tiny random Llama, SmolLM2's tokenizer) -> MLflow registry ->
+model server -> score through the HTTP function -> webhooks verified -> sweeper tears down."""
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+import function_app
+from shared import runs
+from shared.backends.local import _alive, _read_json, _terminate
+from shared.settings import Settings
+from shared.storage import default_storage, reset_default_storage
+from shared.webhooks import new_secret
+from tests.receiver import Receiver
+from tunedrop.azurite import free_port
+from tunedrop.host import LocalHost
+from tunedrop.local import PROJECT_ROOT, embedded_environment
+
+QUICK_TRAINING = {"num_train_epochs": 1, "max_steps": 3, "max_seq_length": 64, "learning_rate": 1e-3}
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"{what} not within {timeout_s} s")
+
+
+@pytest.fixture
+def app(storage_env, model_cache, monkeypatch, tmp_path):
+    secret = new_secret()
+    port = free_port()
+    state_dir = tmp_path / "state"
+    with Receiver(secret) as receiver:
+        env = embedded_environment(storage_env["TUNEDROP_STORAGE"], state_dir=state_dir, port=port)
+        env.update({
+            "TUNEDROP_BASE_MODEL": "tiny-random",
+            "TUNEDROP_MODEL_CACHE": str(model_cache),
+            "TUNEDROP_WEBHOOK_URLS": receiver.url,
+            "TUNEDROP_WEBHOOK_SECRET": secret,
+            "TUNEDROP_TRAINING_OVERRIDES": json.dumps(QUICK_TRAINING),
+            "TUNEDROP_IDLE_MINUTES": "0.1",
+            "TUNEDROP_SWEEP_SCHEDULE": "*/1 * * * * *",
+        })
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        reset_default_storage()
+        host = LocalHost(function_app.app, environ=env, port=port, root=PROJECT_ROOT, state_dir=state_dir,
+                         poll_interval_s=0.3, visibility_timeout_s=1)
+        with host:
+            yield SimpleNamespace(host=host, receiver=receiver, settings=Settings.from_env(), port=port,
+                                  state_dir=state_dir)
+        for pid_file in [*state_dir.glob("jobs/*/pid.json"), *state_dir.glob("endpoints/*/endpoint.json")]:
+            _terminate(_read_json(pid_file).get("pid"), grace_s=5)
+
+
+def drop(settings, name: str, data: bytes) -> str:
+    container = default_storage().blob_service.get_container_client(settings.training_container)
+    if not container.exists():
+        container.create_container()
+    result = container.get_blob_client(name).upload_blob(data, overwrite=True)
+    return runs.run_id_for(settings.training_container, name, result["etag"])
+
+
+def conversations(n: int) -> bytes:
+    rows = [{"prompt": f"What is {i} plus {i}?", "prompt_id": str(i),
+             "messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(n)]
+    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+
+
+def test_dataset_to_answer_to_teardown(app):
+    store = runs.RunStore.from_settings(app.settings)
+    run_id = drop(app.settings, "sums.jsonl", conversations(16))
+
+    def state(target):
+        run = store.find(run_id)
+        assert run is None or run.state not in (runs.FAILED, runs.REJECTED), run.error
+        return run if run is not None and run.state == target else None
+
+    run = wait_for(lambda: state(runs.DEPLOYED), 240, "deployed")
+    assert run.job_name and run.model_version and run.endpoint_name
+    assert run.metrics["train_steps"] == 3 and run.metrics["eval_loss"] > 0
+
+    # Registered in MLflow with its lineage.
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=app.settings.effective_tracking_uri,
+                                 registry_uri=app.settings.effective_tracking_uri)
+    version = client.get_model_version(run.model_name, run.model_version)
+    assert version.tags["tunedrop_run_id"] == run_id
+    assert version.tags["dataset_blob"] == "sums.jsonl" and version.tags["dataset_etag"] == run.dataset_etag
+    history = client.get_metric_history(version.run_id, "train_loss")
+    assert len(history) == 3
+
+    # Scored through the HTTP function, with the function key, in both formats.
+    url = f"http://127.0.0.1:{app.port}/api/runs/{run_id}"
+    body = {"input_data": {"input_string": [{"role": "user", "content": "What is 2 plus 2?"}],
+                           "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 8}}}
+    assert httpx.post(f"{url}/score", json=body).status_code == 401
+    answer = httpx.post(f"{url}/score", json=body, headers={"x-functions-key": app.host.function_key}, timeout=60)
+    assert answer.status_code == 200 and isinstance(answer.json()["output"], str)
+    chat = httpx.post(f"{url}/v1/chat/completions", headers={"x-functions-key": app.host.function_key}, timeout=60,
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
+    endpoint_pid = _read_json(app.state_dir / "endpoints" / run.endpoint_name / "endpoint.json")["pid"]
+    assert store.get(run_id).last_scored_at
+
+    # Idle: the sweeper tears the endpoint down and the model server is gone.
+    wait_for(lambda: state(runs.TORN_DOWN), 60, "torn down")
+    assert not _alive(endpoint_pid)
+    gone = httpx.post(f"{url}/score", json=body, headers={"x-functions-key": app.host.function_key})
+    assert gone.status_code == 409
+
+    expected = ["run.accepted", "run.submitted", "run.running", "run.succeeded", "model.registered",
+                "endpoint.deploying", "endpoint.ready", "endpoint.torn_down"]
+    app.receiver.wait_for("endpoint.torn_down")
+    assert sorted(app.receiver.types()) == sorted(expected)  # each exactly once, each signature verified
+    assert app.receiver.rejected == 0
+    assert len({p["id"] for p in app.receiver.received}) == len(expected)
+    assert all(p["data"]["run_id"] == run_id for p in app.receiver.received)
+
+
+def test_bad_dataset_is_quarantined_with_its_report(app):
+    rows = conversations(12).decode().splitlines()
+    rows[6] = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]})
+    run_id = drop(app.settings, "bad.jsonl", ("\n".join(rows) + "\n").encode())
+    rejected = app.receiver.wait_for("run.rejected", 30)
+    assert rejected["data"]["run_id"] == run_id
+    (error,) = rejected["data"]["report"]["errors"]
+    assert error["line"] == 7 and error["code"] == "unknown_role" and error["field"] == "messages[1].role"
+    quarantine = default_storage().blob_service.get_container_client(app.settings.quarantine_container)
+    report = json.loads(quarantine.download_blob(f"{run_id}/bad.jsonl.report.json").readall())
+    assert report["errors"][0]["line"] == 7
+    assert runs.RunStore.from_settings(app.settings).get(run_id).state == runs.REJECTED
+    assert not list(Path(app.state_dir).glob("jobs/*"))  # nothing was trained
