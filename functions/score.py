@@ -1,10 +1,10 @@
-"""HTTP: score against a run's endpoint (seed format and OpenAI chat completions), and read runs."""
+"""HTTP: score against a run's endpoint (seed format and OpenAI chat completions); read and retry runs."""
 
 import json
 
 import azure.functions as func
 
-from shared.pipeline import get_pipeline
+from shared.pipeline import RetryError, get_pipeline
 from shared.scoring import OPENAI_FORMAT, SEED_FORMAT, get_scorer
 
 bp = func.Blueprint()
@@ -36,6 +36,19 @@ def run_status(req: func.HttpRequest) -> func.HttpResponse:
     if run is None:
         return _json(404, {"error": f"No run {req.route_params['run_id']}."})
     return _json(200, run.public())
+
+
+@bp.route(route="runs/{run_id}/retry", methods=["POST"])
+def retry_run(req: func.HttpRequest) -> func.HttpResponse:
+    pipeline = get_pipeline()
+    run_id = req.route_params["run_id"]
+    if pipeline.store.find(run_id) is None:
+        return _json(404, {"error": f"No run {run_id}."})
+    try:
+        run = pipeline.retry(run_id)
+    except RetryError as exc:
+        return _json(409, {"error": str(exc)})
+    return _json(202, run.public())
 
 
 @bp.route(route="runs", methods=["GET"])

@@ -10,6 +10,7 @@ earlier attempt made, and a webhook goes out only from the call that made the st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -42,6 +43,10 @@ CLAIM_LEASE = timedelta(minutes=10)
 #: Job statuses that mean "on its way"; Azure ML reports several before Running.
 ACTIVE_JOB_STATUSES = ("NotStarted", "Queued", "Preparing", "Provisioning", "Starting", "Running", "Finalizing")
 REPORT_ISSUES_KEPT = 20
+
+
+class RetryError(Exception):
+    """The run cannot be retried; the message says why and what to do instead."""
 
 
 @dataclass
@@ -82,7 +87,7 @@ class Pipeline:
         """Transition and, only if this call made the change, publish its webhook."""
         moved = self.store.transition(run_id, target, **changes)
         if moved is not None and event_type:
-            self.outbox.publish(run_id, event_type, {"state": moved.state, **(data or {})})
+            self.outbox.publish(run_id, event_type, {"state": moved.state, **(data or {})}, retry=moved.retries)
         return moved
 
     def _fail(self, run: Run, error: str, code: str = "") -> Run | None:
@@ -247,6 +252,31 @@ class Pipeline:
                 return self._fail(run, str(exc), exc.code) or self.store.get(run.run_id)
             run = moved or self.store.get(run.run_id)
         return run
+
+    # ---- retry --------------------------------------------------------------------------------
+
+    def retry(self, run_id: str) -> Run:
+        """Carry a failed run on from the step that failed: a new job, or registration/deployment again."""
+        run = self.store.get(run_id)
+        if run.state != runs.FAILED:
+            raise RetryError(f"Run {run_id} is {run.state}; only a failed run can be retried.")
+        if run.failed_in in (runs.SUBMITTED, runs.RUNNING):
+            retry = run.retries + 1
+            config = TrainingConfig().with_overrides(run.config, "run config")
+            job_name = self.backend.submit_finetune(dataclasses.replace(run, retries=retry), config)
+            reopened = self.store.reopen(run, runs.SUBMITTED, job_name=job_name, metrics={})
+            if reopened is not None:
+                self.outbox.publish(run_id, "run.submitted", {"state": runs.SUBMITTED, "job_name": job_name,
+                                                              "retry": retry}, retry=retry)
+            return reopened or self.store.get(run_id)
+        if run.failed_in in (runs.SUCCEEDED, runs.REGISTERED, runs.DEPLOYING):
+            if run.failed_in == runs.DEPLOYING and run.endpoint_name:
+                self.backend.delete_endpoint(run.endpoint_name)
+            target = runs.REGISTERED if run.failed_in == runs.DEPLOYING else run.failed_in
+            reopened = self.store.reopen(run, target)
+            return self.advance(reopened) if reopened is not None else self.store.get(run_id)
+        raise RetryError(f"Run {run_id} failed while {run.failed_in or 'starting'}: upload the dataset again "
+                         "(a new version of the blob is a new run).")
 
     # ---- sweeper ------------------------------------------------------------------------------
 

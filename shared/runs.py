@@ -124,7 +124,8 @@ class Run:
     last_scored_at: str = ""
     error: str = ""
     failed_in: str = ""
-    attempts: int = 0
+    claims: int = 0  # validation take-overs after a crashed claimer
+    retries: int = 0  # user retries of a failed run; part of job names and webhook ids
     history: list = field(default_factory=list)
     etag: str = field(default="", repr=False)
 
@@ -293,7 +294,7 @@ class RunStore:
                 except ConcurrentUpdate:
                     pass
             elif run.state == VALIDATING and utcnow() - datetime.fromisoformat(run.updated_at) > lease:
-                run.attempts += 1
+                run.claims += 1
                 try:
                     return self.save(run)
                 except ConcurrentUpdate:
@@ -302,6 +303,24 @@ class RunStore:
                 return None
             run = self.get(run.run_id)
         return None
+
+    def reopen(self, run: Run, target: str, **changes: Any) -> Run | None:
+        """Retry a failed run from ``target`` (the one backwards move there is, and only on request).
+
+        None when the run is no longer the failed one that was read (someone else retried it).
+        """
+        if run.state != FAILED:
+            return None
+        for key, value in changes.items():
+            setattr(run, key, value)
+        run.retries += 1
+        run.state = target
+        run.error = ""
+        run.history = [*run.history, {"state": target, "at": utcnow().isoformat(), "retry": run.retries}]
+        try:
+            return self.save(run)
+        except ConcurrentUpdate:
+            return None
 
     def release(self, run: Run, error: str) -> Run:
         """Give a claimed run back (validating -> received) after a failure, so a retry can claim it."""

@@ -60,8 +60,10 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def webhook_id(run_id: str, event_type: str) -> str:
-    return "msg_" + hashlib.sha256(f"{run_id}:{event_type}".encode()).hexdigest()[:24]
+def webhook_id(run_id: str, event_type: str, retry: int = 0) -> str:
+    """Stable per run, event and retry: a repeat carries the same id, a retry's events are new."""
+    key = f"{run_id}:{event_type}" + (f":{retry}" if retry else "")
+    return "msg_" + hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class Outbox:
                 pass
         return self._queue
 
-    def publish(self, run_id: str, event_type: str, data: dict[str, Any]) -> list[OutboxMessage]:
+    def publish(self, run_id: str, event_type: str, data: dict[str, Any], retry: int = 0) -> list[OutboxMessage]:
         """Queue ``event_type`` for every receiver; returns what was queued (nothing without URLs)."""
         if event_type not in EVENT_TYPES:
             raise WebhookError(f"Unknown webhook event type {event_type!r}.")
@@ -111,7 +113,8 @@ class Outbox:
             "timestamp": datetime.now(timezone.utc).isoformat(),
             "data": {"run_id": run_id, **data},
         }
-        messages = [OutboxMessage(webhook_id(run_id, event_type), url, payload) for url in self._settings.webhook_urls]
+        message_id = webhook_id(run_id, event_type, retry)
+        messages = [OutboxMessage(message_id, url, payload) for url in self._settings.webhook_urls]
         queue = self._queue_client()
         for message in messages:
             queue.send_message(message.to_json())

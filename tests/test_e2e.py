@@ -12,7 +12,7 @@ import pytest
 
 import function_app
 from shared import runs
-from shared.backends.local import _alive, _read_json, _terminate
+from shared.backends.local import LocalBackend, _alive, _read_json
 from shared.settings import Settings
 from shared.storage import default_storage, reset_default_storage
 from shared.webhooks import new_secret
@@ -58,8 +58,7 @@ def app(storage_env, model_cache, monkeypatch, tmp_path):
         with host:
             yield SimpleNamespace(host=host, receiver=receiver, settings=Settings.from_env(), port=port,
                                   state_dir=state_dir)
-        for pid_file in [*state_dir.glob("jobs/*/pid.json"), *state_dir.glob("endpoints/*/endpoint.json")]:
-            _terminate(_read_json(pid_file).get("pid"), grace_s=5)
+        LocalBackend(Settings.from_env()).stop_all()
 
 
 def drop(settings, name: str, data: bytes) -> str:

@@ -101,9 +101,9 @@ def test_ingest_twice_makes_one_run_and_one_job(app_env):
         jobs = list((settings.state_dir / "jobs").iterdir())
         assert [j.name for j in jobs] == [run.job_name]
     finally:
-        from shared.backends.local import _read_json, _terminate
+        from shared.backends.local import LocalBackend
 
-        _terminate(_read_json(settings.state_dir / "jobs" / run.job_name / "pid.json").get("pid"))
+        LocalBackend(settings).stop_all()
 
 
 def make_run(state: str, **fields) -> Run:
@@ -239,3 +239,37 @@ def test_function_app_import_stays_light():
             "if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_retry_resubmits_a_failed_job_under_a_new_name_and_refuses_what_it_cannot_redo(app_env):
+    run = make_run(runs.SUBMITTED)
+    handler("job_events")(grid_event("Failed", run.run_id, run.job_name))
+    retry = handler("retry_run")
+    pipeline = get_pipeline()
+    try:
+        answer = retry(http("POST", "/x", {"run_id": run.run_id}))
+        body = json.loads(answer.get_body())
+        assert answer.status_code == 202 and body["state"] == "submitted" and body["retries"] == 1
+        assert body["job_name"] == f"tunedrop-{run.run_id}-r1"
+        assert (Settings.from_env().state_dir / "jobs" / body["job_name"] / "job.json").exists()
+        # A late event of the first, failed job no longer moves the run.
+        handler("job_events")(grid_event("Failed", run.run_id, run.job_name))
+        assert pipeline.store.get(run.run_id).state == runs.SUBMITTED
+        again = retry(http("POST", "/x", {"run_id": run.run_id}))
+        assert again.status_code == 409 and "only a failed run" in json.loads(again.get_body())["error"]
+        types = [p["type"] for p in queued_webhooks(Settings.from_env())]
+        assert types == ["run.failed", "run.submitted"]
+    finally:
+        from shared.backends.local import LocalBackend
+
+        LocalBackend(Settings.from_env()).stop_all()
+    assert retry(http("POST", "/x", {"run_id": "nope"})).status_code == 404
+
+
+def test_retry_of_a_validation_failure_says_to_upload_again(app_env):
+    store = get_pipeline().store
+    run, _ = store.create(Run("data-x", dataset_blob="d.jsonl"))
+    store.transition(run.run_id, runs.VALIDATING)
+    store.transition(run.run_id, runs.FAILED, error="superseded")
+    answer = handler("retry_run")(http("POST", "/x", {"run_id": run.run_id}))
+    assert answer.status_code == 409 and "upload the dataset again" in json.loads(answer.get_body())["error"]

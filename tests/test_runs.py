@@ -96,7 +96,7 @@ def test_claim_is_exclusive_until_the_lease_expires(store):
     assert claimed is not None and claimed.state == runs.VALIDATING
     assert store.claim(store.get(run.run_id), lease=timedelta(minutes=10)) is None
     taken_over = store.claim(store.get(run.run_id), lease=timedelta(seconds=0))
-    assert taken_over is not None and taken_over.attempts == 1
+    assert taken_over is not None and taken_over.claims == 1
 
 
 def test_release_lets_a_retry_claim_again(store):
@@ -120,3 +120,15 @@ def test_list_filters_by_state(store):
     store.transition(a.run_id, runs.VALIDATING)
     assert [r.run_id for r in store.list((runs.VALIDATING,))] == ["run-a"]
     assert {r.run_id for r in store.list()} == {"run-a", "run-b"}
+
+
+def test_reopen_only_a_failed_run_and_count_the_retry(store):
+    run = new_run(store)
+    for state in (runs.VALIDATING, runs.SUBMITTED, runs.FAILED):
+        store.transition(run.run_id, state, **({"error": "boom"} if state == runs.FAILED else {}))
+    failed = store.get(run.run_id)
+    stale = store.get(run.run_id)
+    reopened = store.reopen(failed, runs.SUBMITTED, job_name="job-r1")
+    assert (reopened.state, reopened.retries, reopened.error, reopened.job_name) == (runs.SUBMITTED, 1, "", "job-r1")
+    assert store.reopen(stale, runs.SUBMITTED) is None  # a second, concurrent retry loses
+    assert store.reopen(store.get(run.run_id), runs.SUBMITTED) is None  # not failed any more

@@ -80,9 +80,9 @@ def up(port: int, verbose: bool):
     host = LocalHost(function_app.app, environ=env, port=port, root=PROJECT_ROOT, state_dir=state_dir)
     host.start()
     click.echo(f"Functions host on http://127.0.0.1:{port} ({len(function_app.app.get_functions())} functions).")
-    click.echo(f"Drop a dataset: tunedrop drop FILE   |   follow it: tunedrop status   |   Ctrl-C stops.")
+    click.echo("Drop a dataset: tunedrop drop FILE   |   follow it: tunedrop status   |   Ctrl-C stops.")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the same way on SIGTERM as on Ctrl-C
     try:
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         signal.pause()
     except KeyboardInterrupt:
         pass
@@ -90,6 +90,10 @@ def up(port: int, verbose: bool):
         host.stop()
         if azurite.process:
             azurite.stop()
+        servers = list((state_dir / "endpoints").glob("*/endpoint.json"))
+        if servers:
+            click.echo(f"{len(servers)} endpoint(s) left running, as they would be in Azure: the sweeper tears them "
+                       f"down after {settings.idle_minutes:g} idle minutes once `tunedrop up` runs again.")
 
 
 @cli.command()
@@ -173,6 +177,15 @@ def score(run_id: str, prompt: str, system: str | None, max_new_tokens: int, tem
     answer = _api(lambda: client.score(run_id, messages, temperature=temperature, top_p=top_p,
                                        do_sample=temperature > 0, max_new_tokens=max_new_tokens))
     click.echo(answer.get("output", json.dumps(answer)))
+
+
+@cli.command()
+@click.argument("run_id")
+def retry(run_id: str):
+    """Carry a failed run on from the step that failed (a new job, or registration/deployment again)."""
+    client = _client()
+    run = _api(lambda: client.retry(run_id))
+    click.echo(f"{run['run_id']}: {run['state']} (retry {run['retries']})")
 
 
 @cli.command()

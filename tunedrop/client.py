@@ -55,6 +55,9 @@ class ApiClient:
     def run(self, run_id: str) -> dict:
         return self._call("GET", f"/api/runs/{run_id}")
 
+    def retry(self, run_id: str) -> dict:
+        return self._call("POST", f"/api/runs/{run_id}/retry")
+
     def score(self, run_id: str, messages: list[dict], **parameters) -> dict:
         body = {"input_data": {"input_string": messages, "parameters": parameters}, "params": {}}
         return self._call("POST", f"/api/runs/{run_id}/score", json=body)

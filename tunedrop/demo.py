@@ -117,7 +117,7 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
     state_dir = (state_dir or PROJECT_ROOT / ".tunedrop" / "demo").resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     print("tunedrop demo: the seed notebook's fine-tuning workflow, driven by events, on this machine.\n", flush=True)
-    azurite = host = receiver = None
+    azurite = host = receiver = settings = None
     failed = True
     entered: dict[str, float] = {}
     answer_s = None
@@ -219,7 +219,10 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
     finally:
         if host is not None:
             host.stop()
-        _cleanup_processes(state_dir)
+        if settings is not None:
+            from shared.backends.local import LocalBackend
+
+            LocalBackend(settings).stop_all()  # anything a failure mid-way left running
         if receiver is not None:
             receiver.stop()
         if azurite is not None:
@@ -239,10 +242,3 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
     print("\nDemo " + ("FAILED" if failed else "succeeded: endpoint torn down, nothing left running."), flush=True)
     return 1 if failed else 0
 
-
-def _cleanup_processes(state_dir: Path) -> None:
-    """Stop any trainer or model server the demo's run left behind (a failure mid-way)."""
-    from shared.backends.local import _read_json, _terminate
-
-    for pid_file in list(state_dir.glob("jobs/*/pid.json")) + list(state_dir.glob("endpoints/*/endpoint.json")):
-        _terminate(_read_json(pid_file).get("pid"), grace_s=5)

@@ -106,8 +106,9 @@ def endpoint_name_for(run_id: str) -> str:
     return name[:32]
 
 
-def job_name_for(run_id: str) -> str:
-    return f"tunedrop-{run_id}"
+def job_name_for(run_id: str, retry: int = 0) -> str:
+    """The job of a run's first try, then of each retry: found again by name, never made twice."""
+    return f"tunedrop-{run_id}" + (f"-r{retry}" if retry else "")
 
 
 def get_backend(settings) -> Backend:

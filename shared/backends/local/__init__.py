@@ -143,7 +143,7 @@ class LocalBackend:
     # ---- jobs -------------------------------------------------------------------------------
 
     def submit_finetune(self, run, config) -> str:
-        job_name = job_name_for(run.run_id)
+        job_name = job_name_for(run.run_id, run.retries)
         job_dir = self.jobs_dir / job_name
         job_dir.mkdir(parents=True, exist_ok=True)
         with _file_lock(job_dir / ".lock"):
@@ -278,6 +278,11 @@ class LocalBackend:
         _terminate(info.get("pid"))
         if ep_dir.exists():
             shutil.rmtree(ep_dir, ignore_errors=True)
+
+    def stop_all(self) -> None:
+        """Stop every trainer and model server under the state dir (the demo's and tests' clean-up)."""
+        for pid_file in [*self.jobs_dir.glob("*/pid.json"), *self.endpoints_dir.glob("*/endpoint.json")]:
+            _terminate(_read_json(pid_file).get("pid"), grace_s=5)
 
     def scoring_target(self, endpoint_name: str) -> ScoringTarget:
         ep_dir = self.endpoints_dir / endpoint_name
