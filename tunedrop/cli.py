@@ -236,7 +236,9 @@ def demo(prompt: str, dataset: Path, base_model: str, timeout_s: int, verbose: b
     """The whole loop on this machine: drop, validate, fine-tune, register, deploy, score, tear down."""
     from tunedrop.demo import run_demo
 
-    sys.exit(run_demo(dataset=dataset, prompt=prompt, base_model=base_model, timeout_s=timeout_s, verbose=verbose))
+    state_dir = Path(os.environ.get("TUNEDROP_STATE_DIR") or PROJECT_ROOT / ".tunedrop") / "demo"
+    sys.exit(run_demo(dataset=dataset, prompt=prompt, base_model=base_model, timeout_s=timeout_s, verbose=verbose,
+                      state_dir=state_dir))
 
 
 def _table(title: str, rows: list[tuple[str, str, str]], markdown: bool) -> None:
@@ -274,3 +276,7 @@ def secret():
 
 def main():
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -87,16 +87,30 @@ def _step(clock: Clock, text: str) -> None:
     print(f"{clock()} {text}", flush=True)
 
 
-def _prepare_model(base_model: str, cache_dir: Path) -> float:
-    """Convert the gguf once into the cache (in a child process: the demo itself stays torch-free)."""
+_PREPARE = """
+import json, sys
+from pathlib import Path
+from shared.backends.local.models import load_for_inference, resolve_base_model
+from shared.backends.local.server import Generator
+path = resolve_base_model(sys.argv[1], Path(sys.argv[2]))
+model, tokenizer = load_for_inference(path)
+answer = Generator(model, tokenizer, sys.argv[1]).generate(
+    [{"role": "user", "content": sys.argv[3]}], {"max_new_tokens": 60, "do_sample": False})
+print(json.dumps(answer["text"]))
+"""
+
+
+def _prepare_model(base_model: str, cache_dir: Path, prompt: str) -> tuple[float, str]:
+    """Convert the gguf once into the cache and ask the base model the demo's question, for contrast.
+
+    In a child process: the demo itself (and the host it runs) stays free of torch.
+    """
     started = time.monotonic()
-    code = ("import sys; from pathlib import Path; from shared.backends.local.models import resolve_base_model; "
-            "print(resolve_base_model(sys.argv[1], Path(sys.argv[2])))")
-    done = subprocess.run([sys.executable, "-c", code, base_model, str(cache_dir)], cwd=PROJECT_ROOT,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", _PREPARE, base_model, str(cache_dir), prompt], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     if done.returncode != 0:
         raise RuntimeError(f"preparing {base_model} failed:\n{done.stderr[-2000:]}")
-    return time.monotonic() - started
+    return time.monotonic() - started, json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-instruct", timeout_s: float = 900,
@@ -141,8 +155,8 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
         settings = Settings.from_env()
 
         _step(clock, f"Preparing base model {base_model} (converted from gguf once, then loaded from the cache)")
-        prepare_s = _prepare_model(base_model, settings.model_cache_dir)
-        _step(clock, f"  base model ready in {prepare_s:.1f} s")
+        prepare_s, base_answer = _prepare_model(base_model, settings.model_cache_dir, prompt)
+        _step(clock, f"  ready in {prepare_s:.1f} s; before fine-tuning it answers {prompt!r} with {base_answer!r}")
 
         sys.path.insert(0, str(PROJECT_ROOT))
         import function_app
