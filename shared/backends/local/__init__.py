@@ -30,6 +30,7 @@ from shared.backends.base import (
     DEPLOY_FAILED,
     DEPLOY_MISSING,
     DEPLOY_READY,
+    JOB_CANCELED,
     JOB_COMPLETED,
     JOB_FAILED,
     JOB_NOT_FOUND,
@@ -149,7 +150,7 @@ class LocalBackend:
         with _file_lock(job_dir / ".lock"):
             status = _read_json(job_dir / "status.json")
             pid = _read_json(job_dir / "pid.json").get("pid")
-            if status.get("state") in (JOB_COMPLETED, JOB_FAILED) or _alive(pid):
+            if status.get("state") in (JOB_COMPLETED, JOB_FAILED, JOB_CANCELED) or _alive(pid):
                 log.info("job %s already exists (%s), not submitting again", job_name, status.get("state", "starting"))
                 return job_name
             spec = {
@@ -176,7 +177,7 @@ class LocalBackend:
             return JobInfo(job_name, JOB_NOT_FOUND, error="No such job.")
         status = _read_json(job_dir / "status.json")
         state = status.get("state")
-        if state in (JOB_COMPLETED, JOB_FAILED):
+        if state in (JOB_COMPLETED, JOB_FAILED, JOB_CANCELED):
             return JobInfo(job_name, state, error=status.get("error", ""), metrics=status.get("metrics", {}))
         if not _alive(_read_json(job_dir / "pid.json").get("pid")):
             return JobInfo(job_name, JOB_FAILED, error=f"Trainer process exited without a result; see {job_dir / 'train.log'}.")
