@@ -59,6 +59,20 @@ class Settings:
         "TUNEDROP_WEBHOOK_SECRET",
     )
     webhook_timeout_s: float = _setting(10.0, "Seconds to wait for a webhook receiver.", "TUNEDROP_WEBHOOK_TIMEOUT_S")
+    webhook_attempts: int = _setting(
+        6, "Deliveries tried per webhook before it is parked in `<queue>-poison`.", "TUNEDROP_WEBHOOK_ATTEMPTS"
+    )
+    webhook_backoff_s: float = _setting(
+        10.0,
+        "Wait before the first redelivery of a failed webhook; doubles each time (capped at one hour).",
+        "TUNEDROP_WEBHOOK_BACKOFF_S",
+    )
+    webhook_allow_private: bool = _setting(
+        False,
+        "Deliver webhooks to loopback, private and link-local addresses. Off in Azure (SSRF guard); "
+        "`tunedrop up` and the demo turn it on for receivers on this machine.",
+        "TUNEDROP_WEBHOOK_ALLOW_PRIVATE",
+    )
     backend: str = _setting(
         "local",
         "`local` (embedded: LoRA on this machine, MLflow, local model servers) or `azureml`.",

@@ -38,7 +38,11 @@ class WebhookError(Exception):
 
 
 class WebhookDeliveryError(WebhookError):
-    """The receiver did not answer 2xx; the queue retries, then keeps the message in the poison queue."""
+    """The receiver did not answer 2xx; `notify` redelivers later, then parks the message in the poison queue."""
+
+
+class WebhookTargetRefused(WebhookError):
+    """The receiver's address is not one tunedrop may call (loopback, private, link-local...): SSRF guard."""
 
 
 def _secret_bytes(secret: str) -> bytes:
@@ -73,14 +77,50 @@ class OutboxMessage:
     id: str
     url: str
     payload: dict[str, Any]
+    attempt: int = 1
+    last_error: str = ""
 
     def to_json(self) -> bytes:
-        return json.dumps({"id": self.id, "url": self.url, "payload": self.payload}, separators=(",", ":")).encode()
+        return json.dumps({"id": self.id, "url": self.url, "payload": self.payload, "attempt": self.attempt,
+                           "last_error": self.last_error}, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "OutboxMessage":
         data = json.loads(raw)
-        return cls(id=data["id"], url=data["url"], payload=data["payload"])
+        return cls(id=data["id"], url=data["url"], payload=data["payload"], attempt=int(data.get("attempt", 1)),
+                   last_error=str(data.get("last_error", "")))
+
+
+def backoff_s(attempt: int, base_s: float) -> int:
+    """Seconds before delivery ``attempt + 1``: base, 2 x base, 4 x base ... capped at an hour."""
+    return int(min(base_s * 2 ** (attempt - 1), 3600))
+
+
+def check_target(url: str, allow_private: bool) -> None:
+    """Refuse receivers that are not public HTTP(S) addresses, unless private ones are allowed.
+
+    Every address the name resolves to is checked, at each delivery (DNS can change).
+    """
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookTargetRefused(f"{_host(url)}: only http(s) URLs with a host can receive webhooks.")
+    if allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    except socket.gaierror:
+        raise WebhookDeliveryError(f"{_host(url)}: name does not resolve") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global or address.is_multicast:
+            raise WebhookTargetRefused(
+                f"{_host(url)} resolves to {address}, a non-public address: webhooks go to public receivers only "
+                "(set TUNEDROP_WEBHOOK_ALLOW_PRIVATE=true for receivers on your own network)."
+            )
 
 
 class Outbox:
@@ -121,11 +161,33 @@ class Outbox:
         log.info("run %s: queued %s for %d receiver(s)", run_id, event_type, len(messages))
         return messages
 
+    def redeliver_later(self, message: OutboxMessage, error: str) -> int:
+        """Queue the next attempt of a failed delivery, hidden for the back-off; returns the delay."""
+        delay = backoff_s(message.attempt, self._settings.webhook_backoff_s)
+        retry = OutboxMessage(message.id, message.url, message.payload, message.attempt + 1, error)
+        self._queue_client().send_message(retry.to_json(), visibility_timeout=delay)
+        return delay
 
-def deliver(message: OutboxMessage, secret: str, timeout_s: float = 10.0, client=None) -> int:
-    """POST one webhook, signed; returns the status code, raises WebhookDeliveryError unless 2xx."""
+    def park(self, message: OutboxMessage, error: str) -> None:
+        """Keep an undeliverable webhook in `<queue>-poison`, visible to operators, never dropped."""
+        from azure.core.exceptions import ResourceExistsError
+
+        poison = self._storage.queue(f"{self._settings.webhook_queue}-poison")
+        try:
+            poison.create_queue()
+        except ResourceExistsError:
+            pass
+        parked = OutboxMessage(message.id, message.url, message.payload, message.attempt, error)
+        poison.send_message(parked.to_json())
+
+
+def deliver(message: OutboxMessage, secret: str, timeout_s: float = 10.0, client=None,
+            allow_private: bool = False) -> int:
+    """POST one webhook, signed; returns the status code, raises WebhookDeliveryError unless 2xx
+    and WebhookTargetRefused for a receiver address tunedrop may not call."""
     import httpx
 
+    check_target(message.url, allow_private)
     body = json.dumps(message.payload, separators=(",", ":")).encode()
     timestamp = int(time.time())
     headers = {

@@ -14,7 +14,7 @@ from shared.pipeline import get_pipeline
 from shared.runs import Run
 from shared.settings import Settings
 from shared.storage import default_storage
-from shared.webhooks import OutboxMessage, WebhookDeliveryError, new_secret, webhook_id
+from shared.webhooks import OutboxMessage, new_secret, webhook_id
 from tests.handlers import handler
 from tests.receiver import Receiver
 
@@ -29,6 +29,7 @@ def app_env(storage_env, monkeypatch, tmp_path):
         monkeypatch.setenv("TUNEDROP_WEBHOOK_SECRET", secret)
         monkeypatch.setenv("TUNEDROP_BASE_MODEL", "tiny-random")
         monkeypatch.setenv("TUNEDROP_EVENTS_URL", "")
+        monkeypatch.setenv("TUNEDROP_WEBHOOK_ALLOW_PRIVATE", "true")
         yield {"receiver": receiver, "secret": secret, **storage_env}
 
 
@@ -213,10 +214,49 @@ def test_notify_delivers_a_signed_webhook(app_env):
     assert receiver.received == [{"id": message.id, "type": "run.accepted", "timestamp": "t", "data": {"run_id": "r1"}}]
 
 
-def test_notify_raises_when_the_receiver_fails_so_the_queue_retries(app_env):
+def poison(settings):
+    from azure.core.exceptions import ResourceNotFoundError
+
+    queue = default_storage().queue(f"{settings.webhook_queue}-poison")
+    try:
+        return [OutboxMessage.from_json(m.content) for m in queue.peek_messages(max_messages=32)]
+    except ResourceNotFoundError:
+        return []
+
+
+def test_notify_redelivers_a_failed_webhook_later_with_backoff(app_env, monkeypatch):
+    import time
+
+    monkeypatch.setenv("TUNEDROP_WEBHOOK_BACKOFF_S", "2")
+    settings = Settings.from_env()
     message = OutboxMessage("msg_1", "http://127.0.0.1:9/down", {"type": "run.accepted", "data": {}})
-    with pytest.raises(WebhookDeliveryError):
-        handler("notify")(func.QueueMessage(id="1", body=message.to_json()))
+    handler("notify")(func.QueueMessage(id="1", body=message.to_json()))
+    queue = default_storage().queue(settings.webhook_queue)
+    assert queue.peek_messages() == []  # hidden for the back-off
+    deadline = time.monotonic() + 10
+    while not (visible := queue.peek_messages()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    retry = OutboxMessage.from_json(visible[0].content)
+    assert (retry.id, retry.attempt) == ("msg_1", 2) and "ConnectError" in retry.last_error
+    assert poison(settings) == []
+
+
+def test_notify_parks_the_webhook_after_the_last_attempt(app_env, monkeypatch):
+    monkeypatch.setenv("TUNEDROP_WEBHOOK_ATTEMPTS", "3")
+    settings = Settings.from_env()
+    message = OutboxMessage("msg_1", "http://127.0.0.1:9/down", {"type": "run.accepted", "data": {}}, attempt=3)
+    handler("notify")(func.QueueMessage(id="1", body=message.to_json()))
+    (parked,) = poison(settings)
+    assert parked.id == "msg_1" and parked.attempt == 3 and "ConnectError" in parked.last_error
+
+
+def test_notify_refuses_private_receivers_in_azure_and_parks_them(app_env, monkeypatch):
+    monkeypatch.setenv("TUNEDROP_WEBHOOK_ALLOW_PRIVATE", "false")
+    settings = Settings.from_env()
+    message = OutboxMessage("msg_2", "http://169.254.169.254/metadata", {"type": "run.accepted", "data": {}})
+    handler("notify")(func.QueueMessage(id="2", body=message.to_json()))
+    (parked,) = poison(settings)
+    assert parked.id == "msg_2" and "non-public" in parked.last_error
 
 
 def test_sweeper_fails_runs_whose_job_or_endpoint_vanished(app_env):

@@ -9,6 +9,9 @@ from shared.webhooks import (
     OutboxMessage,
     WebhookDeliveryError,
     WebhookError,
+    WebhookTargetRefused,
+    backoff_s,
+    check_target,
     deliver,
     new_secret,
     sign,
@@ -73,7 +76,7 @@ def test_deliver_posts_a_verifiable_webhook():
     with Receiver(secret) as receiver:
         message = OutboxMessage(webhook_id("run-1", "run.succeeded"), receiver.url,
                                 {"type": "run.succeeded", "timestamp": "t", "data": {"run_id": "run-1"}})
-        assert deliver(message, secret) == 204
+        assert deliver(message, secret, allow_private=True) == 204
         assert receiver.received[0]["id"] == message.id
         assert receiver.received[0]["data"] == {"run_id": "run-1"}
 
@@ -83,7 +86,34 @@ def test_deliver_raises_on_non_2xx_and_unreachable_without_leaking_the_url_query
     with Receiver(secret, status=500) as receiver:
         message = OutboxMessage("msg_x", receiver.url, {"type": "run.failed", "data": {}})
         with pytest.raises(WebhookDeliveryError, match="HTTP 500") as info:
-            deliver(message, secret)
+            deliver(message, secret, allow_private=True)
         assert "token" not in str(info.value)
     with pytest.raises(WebhookDeliveryError, match="ConnectError"):
-        deliver(OutboxMessage("msg_y", "http://127.0.0.1:9/x", {"type": "run.failed", "data": {}}), secret, timeout_s=2)
+        deliver(OutboxMessage("msg_y", "http://127.0.0.1:9/x", {"type": "run.failed", "data": {}}), secret,
+                timeout_s=2, allow_private=True)
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8080/hook", "http://localhost/hook", "http://10.1.2.3/hook", "http://192.168.0.10/hook",
+    "http://172.16.5.5/hook", "http://169.254.169.254/latest/meta-data", "http://[::1]/hook", "http://0.0.0.0/hook",
+    "http://[fd00::1]/hook",
+])
+def test_private_and_metadata_addresses_are_refused(url):
+    with pytest.raises(WebhookTargetRefused, match="non-public address"):
+        check_target(url, allow_private=False)
+    check_target(url, allow_private=True)  # allowed only when asked for
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "file:///etc/passwd", "http:///nohost"])
+def test_non_http_targets_are_refused_even_when_private_is_allowed(url):
+    with pytest.raises(WebhookTargetRefused, match="only http"):
+        check_target(url, allow_private=True)
+
+
+def test_public_literal_address_passes_the_guard():
+    check_target("https://8.8.8.8/hook", allow_private=False)  # resolved, not contacted
+
+
+def test_backoff_doubles_and_is_capped():
+    assert [backoff_s(a, 10) for a in (1, 2, 3, 4)] == [10, 20, 40, 80]
+    assert backoff_s(30, 10) == 3600

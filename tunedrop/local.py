@@ -23,6 +23,7 @@ def embedded_environment(connection_string: str, *, state_dir: Path, port: int =
         "TUNEDROP_STATE_DIR": str(state_dir),
         "TUNEDROP_EVENTS_URL": f"http://127.0.0.1:{port}/runtime/webhooks/EventGrid?functionName=job_events",
         "TUNEDROP_BLOB_TRIGGER_SOURCE": "LogsAndContainerScan",
+        "TUNEDROP_WEBHOOK_ALLOW_PRIVATE": "true",  # receivers on this machine
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
