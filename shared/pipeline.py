@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from shared import runs
+from shared import faults, runs
 from shared.backends.base import (
     DEPLOY_CREATING,
     DEPLOY_READY,
@@ -109,7 +109,7 @@ class Pipeline:
 
     # ---- ingest -------------------------------------------------------------------------------
 
-    def ingest(self, blob) -> Run | None:
+    def ingest(self, blob, now: datetime | None = None) -> Run | None:
         """One dataset blob version: claim its run, validate it streaming, then reject or submit."""
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
@@ -127,7 +127,7 @@ class Pipeline:
             run_id, dataset_container=container, dataset_blob=name, dataset_etag=etag,
             dataset_bytes=props.size, base_model=self.settings.effective_base_model,
         ))
-        claimed = self.store.claim(run, CLAIM_LEASE)
+        claimed = self.store.claim(run, CLAIM_LEASE, now=now)
         if claimed is None:
             log.info("run %s: already %s, duplicate delivery ignored", run_id, run.state)
             return run
@@ -160,6 +160,7 @@ class Pipeline:
         self.outbox.publish(run_id, "run.accepted", {"dataset": name, "report": report_dict, "summary": report.summary()})
         try:
             job_name = self.backend.submit_finetune(claimed, config)
+            faults.point("after_submit")
         except BackendError as exc:
             if exc.retryable:
                 self.store.release(claimed, str(exc))
@@ -237,11 +238,13 @@ class Pipeline:
             try:
                 if run.state == runs.SUCCEEDED:
                     model = self.backend.register_model(run)
+                    faults.point("after_register")
                     moved = self._move(run.run_id, runs.REGISTERED, "model.registered",
                                        {"model_name": model.name, "model_version": model.version},
                                        model_name=model.name, model_version=model.version)
                 elif run.state == runs.REGISTERED:
                     endpoint = self.backend.begin_deploy(run, ModelRef(run.model_name, run.model_version))
+                    faults.point("after_begin_deploy")
                     moved = self._move(run.run_id, runs.DEPLOYING, "endpoint.deploying", {"endpoint_name": endpoint},
                                        endpoint_name=endpoint, deploy_started_at=utcnow().isoformat())
                 else:
@@ -285,6 +288,8 @@ class Pipeline:
         now = now or utcnow()
         result = SweepResult()
         steps = {
+            runs.RECEIVED: self._sweep_claimed,
+            runs.VALIDATING: self._sweep_claimed,
             runs.DEPLOYING: self._sweep_deploying,
             runs.DEPLOYED: self._sweep_deployed,
             runs.SUBMITTED: self._sweep_job,
@@ -299,6 +304,29 @@ class Pipeline:
                 log.exception("sweep: run %s (%s) failed", run.run_id, run.state)
                 result.errors.append(f"{run.run_id}: {type(exc).__name__}: {exc}")
         return result
+
+    def _sweep_claimed(self, run: Run, now: datetime, result: SweepResult) -> None:
+        """A claim whose function died (worker crash, timeout): ingest again once the claim lapsed.
+
+        The blob trigger will not fire again for a version it considers processed, so the sweeper
+        is what finishes it; the backend then finds a job an earlier attempt already submitted.
+        """
+        from azure.core.exceptions import ResourceNotFoundError
+
+        if now - datetime.fromisoformat(run.updated_at) <= CLAIM_LEASE:
+            return
+        blob = self.storage.blob_service.get_blob_client(run.dataset_container, run.dataset_blob)
+        try:
+            etag = blob.get_blob_properties().etag
+        except ResourceNotFoundError:
+            etag = None
+        if etag != run.dataset_etag:
+            reason = "was deleted" if etag is None else "was overwritten (its new version is a new run)"
+            if self._fail(run, f"The dataset {reason} before validation finished.", "superseded"):
+                result.failed.append(run.run_id)
+            return
+        self.ingest(blob, now=now)
+        result.advanced.append(run.run_id)
 
     def _sweep_deploying(self, run: Run, now: datetime, result: SweepResult) -> None:
         info = self.backend.get_deployment(run.endpoint_name)
@@ -324,6 +352,7 @@ class Pipeline:
         if idle < timedelta(minutes=self.settings.idle_minutes):
             return
         self.backend.delete_endpoint(run.endpoint_name)
+        faults.point("after_delete")
         if self._move(run.run_id, runs.TORN_DOWN, "endpoint.torn_down",
                       {"endpoint_name": run.endpoint_name, "idle_minutes": round(idle.total_seconds() / 60, 2)}):
             result.torn_down.append(run.run_id)

@@ -284,7 +284,7 @@ class RunStore:
                 continue
         raise ConcurrentUpdate(f"Run {run_id}: gave up updating after {attempts} conflicting writes.")
 
-    def claim(self, run: Run, lease: timedelta) -> Run | None:
+    def claim(self, run: Run, lease: timedelta, now: datetime | None = None) -> Run | None:
         """Take a run for validation: received -> validating, or a validating run whose claimer went
         quiet for longer than ``lease`` (it crashed). None when someone else holds it or it moved on."""
         for _ in range(8):
@@ -293,7 +293,7 @@ class RunStore:
                     return self.transition(run.run_id, VALIDATING, attempts=1)
                 except ConcurrentUpdate:
                     pass
-            elif run.state == VALIDATING and utcnow() - datetime.fromisoformat(run.updated_at) > lease:
+            elif run.state == VALIDATING and (now or utcnow()) - datetime.fromisoformat(run.updated_at) > lease:
                 run.claims += 1
                 try:
                     return self.save(run)
