@@ -3,6 +3,7 @@ drop -> validate -> LoRA fine-tune (tiny random Llama, SmolLM2's tokenizer) -> M
 model server -> score through the HTTP function -> webhooks verified -> sweeper tears down."""
 
 import json
+import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from shared.settings import Settings
 from shared.storage import default_storage, reset_default_storage
 from shared.webhooks import new_secret
 from tests.receiver import Receiver
-from tunedrop.azurite import free_port
+from tunedrop.azurite import ACCOUNT_KEY as AZURITE_KEY, free_port
 from tunedrop.host import LocalHost
 from tunedrop.local import PROJECT_ROOT, embedded_environment
 
@@ -76,7 +77,8 @@ def conversations(n: int) -> bytes:
     return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
 
 
-def test_dataset_to_answer_to_teardown(app):
+def test_dataset_to_answer_to_teardown(app, caplog):
+    caplog.set_level(logging.DEBUG)
     store = runs.RunStore.from_settings(app.settings)
     run_id = drop(app.settings, "sums.jsonl", conversations(16))
 
@@ -111,6 +113,7 @@ def test_dataset_to_answer_to_teardown(app):
                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
     endpoint_pid = _read_json(app.state_dir / "endpoints" / run.endpoint_name / "endpoint.json")["pid"]
+    app.endpoint_key = (app.state_dir / "endpoints" / run.endpoint_name / "key").read_text().strip()
     assert store.get(run_id).last_scored_at
 
     # Idle: the sweeper tears the endpoint down and the model server is gone.
@@ -126,6 +129,16 @@ def test_dataset_to_answer_to_teardown(app):
     assert app.receiver.rejected == 0
     assert len({p["id"] for p in app.receiver.received}) == len(expected)
     assert all(p["data"]["run_id"] == run_id for p in app.receiver.received)
+
+    # No secret in any log (ours, the host's, the SDKs', the trainer's and server's), response or webhook.
+    secrets = {"webhook secret": app.settings.webhook_secret, "function key": app.host.function_key,
+               "master key": app.host.master_key, "storage key": AZURITE_KEY, "endpoint key": app.endpoint_key}
+    texts = {"logs": caplog.text, "webhooks": json.dumps(app.receiver.received),
+             "run record": json.dumps(store.get(run_id).public()), "score answer": answer.text}
+    texts |= {str(p): p.read_text(errors="replace") for p in app.state_dir.rglob("*.log")}
+    for what, secret in secrets.items():
+        for where, text in texts.items():
+            assert secret not in text, f"{what} found in {where}"
 
 
 def test_bad_dataset_is_quarantined_with_its_report(app):
