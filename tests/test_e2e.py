@@ -4,6 +4,7 @@ model server -> score through the HTTP function -> webhooks verified -> sweeper 
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,7 +49,7 @@ def app(storage_env, model_cache, monkeypatch, tmp_path):
             "TUNEDROP_WEBHOOK_URLS": receiver.url,
             "TUNEDROP_WEBHOOK_SECRET": secret,
             "TUNEDROP_TRAINING_OVERRIDES": json.dumps(QUICK_TRAINING),
-            "TUNEDROP_IDLE_MINUTES": "0.1",
+            "TUNEDROP_IDLE_MINUTES": "0.2",
             "TUNEDROP_SWEEP_SCHEDULE": "*/1 * * * * *",
         })
         for key, value in env.items():
@@ -112,6 +113,24 @@ def test_dataset_to_answer_to_teardown(app, caplog):
     chat = httpx.post(f"{url}/v1/chat/completions", headers={"x-functions-key": app.host.function_key}, timeout=60,
                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
+
+    # Abuse: wrong key, malformed JSON, oversized body: clear answers, no detail leaked, no trace.
+    key = {"x-functions-key": app.host.function_key}
+    wrong = httpx.post(f"{url}/score", json=body, headers={"x-functions-key": "guess"})
+    assert wrong.status_code == 401 and wrong.content == b""
+    malformed = httpx.post(f"{url}/score", content=b'{"input_data": [', headers=key)
+    assert malformed.status_code == 400 and "not valid JSON" in malformed.json()["error"]
+    bad_field = httpx.post(f"{url}/score", headers=key, json={"input_data": {"input_string": [{"role": "robot"}]}})
+    assert bad_field.status_code == 400 and "input_data.input_string[0].role" in bad_field.json()["error"]
+    huge = httpx.post(f"{url}/score", content=b"x" * 1_100_000, headers=key)
+    assert huge.status_code == 413
+    # 200 concurrent requests against the ready endpoint: every one answered, none with a trace.
+    small = {"input_data": {"input_string": [{"role": "user", "content": "2+2?"}],
+                            "parameters": {"max_new_tokens": 2, "do_sample": False}}}
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        replies = list(pool.map(lambda _: httpx.post(f"{url}/score", json=small, headers=key, timeout=120), range(200)))
+    assert [r.status_code for r in replies] == [200] * 200
+    assert not any("Traceback" in r.text for r in [wrong, malformed, bad_field, huge, *replies])
     endpoint_pid = _read_json(app.state_dir / "endpoints" / run.endpoint_name / "endpoint.json")["pid"]
     app.endpoint_key = (app.state_dir / "endpoints" / run.endpoint_name / "key").read_text().strip()
     assert store.get(run_id).last_scored_at
