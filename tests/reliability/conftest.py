@@ -94,5 +94,6 @@ def in_child(code: str, faults: str) -> int:
 
 
 def summary(title: str, rows: dict[str, int]) -> None:
-    """The suite's figures, printed (see them with pytest -s or in make soak)."""
-    print(f"\n{title}: " + ", ".join(f"{k}={v}" for k, v in rows.items()))
+    """The suite's figures as a table (shown by `make soak`, or pytest -s)."""
+    width = max(len(k) for k in rows)
+    print(f"\n{title}\n" + "\n".join(f"  {k:<{width}}  {v:>6}" for k, v in rows.items()))
