@@ -37,6 +37,7 @@ def storage_env(azurite, monkeypatch, tmp_path):
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # each test's MLflow lives in its state dir
     reset_default_storage()
     yield env
     reset_default_storage()

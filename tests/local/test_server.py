@@ -56,8 +56,13 @@ def server(trained_run, model_cache, tmp_path_factory):
     import mlflow
 
     tracking_uri = trained_run["job"]["tracking_uri"]
-    mlflow.set_tracking_uri(tracking_uri)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)  # also sets MLFLOW_TRACKING_URI: put it back for the other tests
     version = mlflow.register_model(f"runs:/{trained_run['status']['mlflow_run_id']}/model", "sums-chat")
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
     tmp_path = tmp_path_factory.mktemp("server")
     process, port, state_file = start_server(tmp_path, f"models:/sums-chat/{version.version}", tracking_uri,
                                              model_cache)

@@ -100,6 +100,7 @@ def sort_routes(routes: list[Route]) -> list[Route]:
 
 
 class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default 5 resets connections under a burst of clients
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], host: "LocalHost"):

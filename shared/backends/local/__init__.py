@@ -186,11 +186,12 @@ class LocalBackend:
     # ---- model registry (MLflow) --------------------------------------------------------------
 
     def _mlflow(self):
-        import mlflow
+        from mlflow import MlflowClient
 
-        mlflow.set_tracking_uri(self.settings.effective_tracking_uri)
-        mlflow.set_registry_uri(self.settings.effective_tracking_uri)
-        return mlflow.MlflowClient()
+        # A client of its own: mlflow.set_tracking_uri() would also set MLFLOW_TRACKING_URI in this
+        # process's environment, where the app's settings would then read it.
+        uri = self.settings.effective_tracking_uri
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def register_model(self, run) -> ModelRef:
         from mlflow.exceptions import MlflowException

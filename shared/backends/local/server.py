@@ -219,6 +219,11 @@ def load_generator(model_uri: str, tracking_uri: str, cache_dir: Path) -> Genera
 # -- HTTP --------------------------------------------------------------------------------------
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default 5 resets connections under a burst of clients
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "tunedrop-local"
     sys_version = ""
@@ -372,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"key file {args.key_file} is empty")
         generator = load_generator(args.model_uri, args.tracking_uri, cache_dir)
         handler = type("BoundHandler", (Handler,), {"generator": generator, "key": key})
-        server = ThreadingHTTPServer(("127.0.0.1", args.port), handler)
+        server = _Server(("127.0.0.1", args.port), handler)
         server.daemon_threads = True
         serving.set()
     except _Stopped:
