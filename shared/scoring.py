@@ -108,17 +108,30 @@ class Scorer:
             target = self.pipeline.backend.scoring_target(run.endpoint_name)
         except BackendError as exc:
             return ScoreResponse(503, {"error": f"Run {run_id}: endpoint unavailable ({exc.code})."}, {"Retry-After": "30"})
-        url = target.url if fmt == SEED_FORMAT else target.url.rsplit("/", 1)[0] + "/v1/chat/completions"
-        response = self._forward(url, target.key, request)
+        translate = fmt == OPENAI_FORMAT and target.format == "azureml"
+        if translate:
+            url, payload = target.url, openai_to_seed(request)
+        else:
+            url = target.url if fmt == SEED_FORMAT else target.url.rsplit("/", 1)[0] + "/v1/chat/completions"
+            payload = request
+        response = self._forward(url, target.key, payload, target.headers)
+        if response.status == 401:
+            forget = getattr(self.pipeline.backend, "forget_key", None)
+            if forget is not None:
+                forget(run.endpoint_name)  # keys were regenerated: fetch them again next time
+            response = ScoreResponse(503, {"error": f"Run {run_id}: the endpoint refused its key; try again."},
+                                     {"Retry-After": "5"})
         if response.status == 200:
+            if translate:
+                response = ScoreResponse(200, seed_to_openai(response.body, request))
             self._touch(run)
         return response
 
-    def _forward(self, url: str, key: str, request: dict) -> ScoreResponse:
+    def _forward(self, url: str, key: str, request: dict, headers: dict | None = None) -> ScoreResponse:
         import httpx
 
         try:
-            reply = self.client.post(url, json=request, headers={"Authorization": f"Bearer {key}"})
+            reply = self.client.post(url, json=request, headers={**(headers or {}), "Authorization": f"Bearer {key}"})
         except httpx.TimeoutException:
             return ScoreResponse(504, {"error": "The endpoint did not answer in time."}, {"Retry-After": "10"})
         except httpx.HTTPError:
@@ -129,7 +142,12 @@ class Scorer:
             return ScoreResponse(429, {"error": "The endpoint is busy."}, {"Retry-After": reply.headers.get("Retry-After", "5")})
         if reply.status_code == 400:
             return ScoreResponse(400, {"error": _error_text(reply)})
+        if reply.status_code in (401, 403):
+            return ScoreResponse(401, {"error": "The endpoint refused the key."})
         log.warning("endpoint answered HTTP %d", reply.status_code)
+        if reply.status_code in (503, 504):
+            return ScoreResponse(503, {"error": f"The endpoint is unavailable (HTTP {reply.status_code})."},
+                                 {"Retry-After": reply.headers.get("Retry-After", "10")})
         return ScoreResponse(502, {"error": f"The endpoint failed (HTTP {reply.status_code})."}, {"Retry-After": "10"})
 
     def _touch(self, run) -> None:
@@ -141,6 +159,38 @@ class Scorer:
             self.pipeline.store.update(run.run_id, last_scored_at=runs.utcnow().isoformat())
         except runs.RunStoreError as exc:
             log.warning("run %s: could not record last use: %s", run.run_id, exc)
+
+
+#: The seed's generation parameters (step 10), the defaults of a translated OpenAI request.
+SEED_PARAMETERS = {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 200}
+
+
+def openai_to_seed(request: dict) -> dict:
+    """An OpenAI chat-completions request as the seed's Azure ML request."""
+    parameters = dict(SEED_PARAMETERS)
+    for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("max_new_tokens", "max_tokens"),
+                         ("max_new_tokens", "max_completion_tokens")):
+        if isinstance(request.get(theirs), (int, float)) and not isinstance(request.get(theirs), bool):
+            parameters[ours] = request[theirs]
+    if parameters.get("temperature") == 0:
+        parameters["do_sample"] = False
+    messages = [{"role": m["role"], "content": m["content"]} for m in request["messages"]]
+    return {"input_data": {"input_string": messages, "parameters": parameters}, "params": {}}
+
+
+def seed_to_openai(answer, request: dict) -> dict:
+    """The Azure ML endpoint's answer (`{"output": text}`, or `[{"0": text}]`) as an OpenAI chat completion."""
+    import uuid
+
+    if isinstance(answer, dict) and "output" in answer:
+        text = answer["output"]
+    elif isinstance(answer, list) and answer and isinstance(answer[0], dict):
+        text = next(iter(answer[0].values()), "")
+    else:
+        text = answer
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": str(request.get("model") or "tunedrop"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": str(text)}, "finish_reason": "stop"}]}
 
 
 def _error_text(reply) -> str:

@@ -66,6 +66,10 @@ class DeploymentInfo:
 class ScoringTarget:
     url: str
     key: str = field(repr=False)  # never printed, logged or returned
+    headers: dict = field(default_factory=dict)  # extra request headers (Azure ML: the deployment to route to)
+    #: "tunedrop": the endpoint also serves OpenAI chat completions at <url>/../v1/chat/completions (local);
+    #: "azureml": it takes only the seed's request at <url>, so OpenAI requests are translated.
+    format: str = "tunedrop"
 
 
 class Backend(Protocol):

@@ -1,0 +1,495 @@
+"""The azureml backend against Azure ML's REST shapes: the real azure-ai-ml SDK over a recorded-shape transport.
+
+No Azure account is needed: `AzureMLTransport` (an azure.core transport) answers each ARM / registry /
+MLflow call with JSON shaped like the service's, and keeps every request so the tests assert what would
+have been sent. Storage (the train/test split, the deployment record, the run store) is a real Azurite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from datetime import datetime, timezone
+
+import pytest
+
+from shared import runs
+from shared.backends.azureml import AzureMLBackend, finetune_parameters, seed_display_name
+from shared.backends.base import (
+    DEPLOY_CREATING,
+    DEPLOY_FAILED,
+    DEPLOY_READY,
+    BackendError,
+    ModelRef,
+    endpoint_name_for,
+)
+from shared.events import RUN_ID_TAG, RunEvent, run_event
+from shared.pipeline import Pipeline
+from shared.runs import Run
+from shared.settings import Settings
+from shared.storage import default_storage
+from shared.training import TrainingConfig
+from tests.azureml_transport import SHAPES, AzureMLTransport, StaticCredential, error
+
+WSID = SHAPES["workspace_id"]
+ARM = re.escape(WSID)
+MODEL = "Phi-3-mini-4k-instruct"
+TRACKING = "https://eastus.api.azureml.ms/mlflow/v1.0" + WSID + "/api/2.0/mlflow"
+
+
+def registry_model(tags: dict | None = None) -> dict:
+    shape = json.loads(json.dumps(SHAPES["foundation_model"]["value"][0]))
+    if tags is not None:
+        shape["properties"]["tags"] = tags
+    return shape
+
+
+def compute(size: str = "STANDARD_NC24ADS_A100_V4", state: str = "Succeeded") -> dict:
+    shape = json.loads(json.dumps(SHAPES["compute"]))
+    shape["properties"]["properties"]["vmSize"] = size
+    shape["properties"]["provisioningState"] = state
+    return shape
+
+
+def put_echo(status: int = 200, headers: dict | None = None):
+    """A PUT answered with its own body plus what the service adds (id, name, systemData), as ARM does."""
+    def answer(request, body):
+        path = request.url.split("https://management.azure.com", 1)[-1].split("?", 1)[0]
+        body = json.loads(json.dumps(body or {}))
+        if "/models/" in path:
+            body["properties"].setdefault("flavors", {})
+            body["properties"].setdefault("stage", "Development")
+        return status, {**body, "id": path, "name": path.rsplit("/", 1)[-1],
+                        "systemData": SHAPES["compute"]["systemData"]}, headers or {}
+    return answer
+
+
+def job(name: str, status: str) -> dict:
+    return {"id": f"{WSID}/jobs/{name}", "name": name, "type": "Microsoft.MachineLearningServices/workspaces/jobs",
+            "systemData": SHAPES["compute"]["systemData"],
+            "properties": {"jobType": "Pipeline", "status": status, "displayName": "x", "experimentName": "exp",
+                           "tags": {}, "properties": {}, "inputs": {}, "outputs": {}, "jobs": {}, "settings": {},
+                           "isArchived": False,
+                           "services": {"Studio": {"endpoint": f"https://ml.azure.com/runs/{name}", "jobServiceType": "Studio"}}}}
+
+
+def endpoint(name: str, state: str = "Succeeded", tags: dict | None = None, traffic: dict | None = None) -> dict:
+    return {"id": f"{WSID}/onlineEndpoints/{name}", "name": name, "location": "eastus",
+            "type": "Microsoft.MachineLearningServices/workspaces/onlineEndpoints", "tags": tags or {},
+            "identity": {"type": "SystemAssigned", "principalId": "p", "tenantId": "t"}, "kind": "Managed",
+            "systemData": SHAPES["compute"]["systemData"],
+            "properties": {"authMode": "Key", "provisioningState": state, "traffic": traffic or {}, "mirrorTraffic": {},
+                           "scoringUri": f"https://{name}.eastus.inference.ml.azure.com/score",
+                           "swaggerUri": f"https://{name}.eastus.inference.ml.azure.com/swagger.json",
+                           "publicNetworkAccess": "Enabled", "properties": {}}}
+
+
+def deployment(endpoint_name: str, state: str) -> dict:
+    return {"id": f"{WSID}/onlineEndpoints/{endpoint_name}/deployments/demo", "name": "demo", "location": "eastus",
+            "type": "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments", "tags": {},
+            "kind": "Managed", "sku": {"name": "Default", "capacity": 1}, "systemData": SHAPES["compute"]["systemData"],
+            "properties": {"endpointComputeType": "Managed", "provisioningState": state, "instanceType": "Standard_NC6s_v3",
+                           "model": f"{WSID}/models/m/versions/1", "properties": {},
+                           "scaleSettings": {"scaleType": "Default"},
+                           "livenessProbe": {"initialDelay": "PT10M", "period": "PT10S", "timeout": "PT2S",
+                                             "failureThreshold": 30, "successThreshold": 1},
+                           "requestSettings": {"requestTimeout": "PT1M30S", "maxConcurrentRequestsPerInstance": 1}}}
+
+
+@pytest.fixture
+def transport():
+    t = AzureMLTransport()
+    t.on("GET", r"/registries/azureml/discovery", SHAPES["registry_discovery"])
+    t.on("GET", rf"/registries/azureml/models/{MODEL}/versions\?", SHAPES["foundation_model"])
+    t.on("GET", rf"/registries/azureml/models/{MODEL}/versions/15\?", registry_model())
+    t.on("GET", r"/registries/azureml/components/chat_completion_pipeline/versions\?", SHAPES["pipeline_component"])
+    t.on("GET", r"/registries/azureml/components/chat_completion_pipeline/versions/0.0.57\?",
+         SHAPES["pipeline_component"]["value"][0])
+    t.on("GET", rf"{ARM}/computes/gpu-a100\?", compute())
+    t.on("GET", rf"{ARM}\?", SHAPES["workspace"])
+    t.on("GET", r"/locations/eastus/vmSizes", SHAPES["vm_sizes"])
+    t.on("PUT", rf"{ARM}/jobs/", put_echo(201))
+    t.on("PUT", rf"{ARM}/models/", put_echo(200))
+    t.on("GET", r"/mfeOperationsStatus/", {"status": "Succeeded"})
+    t.on("GET", r"/onlineEndpoints/[^/?]+/deployments\?", {"value": []})  # an endpoint's deployment list
+    return t
+
+
+@pytest.fixture
+def settings(storage_env):
+    return Settings(backend="azureml", workspace_id=WSID, azureml_finetune_compute="gpu-a100",
+                    runs_table=storage_env["TUNEDROP_RUNS_TABLE"],
+                    training_container=storage_env["TUNEDROP_TRAINING_CONTAINER"],
+                    webhook_queue=storage_env["TUNEDROP_WEBHOOK_QUEUE"],
+                    azureml_data_container="fd" + storage_env["TUNEDROP_RUNS_TABLE"][4:])
+
+
+@pytest.fixture
+def backend(settings, transport):
+    return AzureMLBackend(settings, credential=StaticCredential(), transport=transport)
+
+
+def dataset(n: int = 20) -> bytes:
+    rows = [{"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}]}
+            for i in range(n)]
+    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+
+
+def stored_run(settings, run_id: str = "chat-0123456789ab", **fields) -> Run:
+    container = default_storage().blob_service.get_container_client(settings.training_container)
+    if not container.exists():
+        container.create_container()
+    etag = container.upload_blob("chat.jsonl", dataset(), overwrite=True).get_blob_properties().etag
+    return Run(run_id, dataset_container=settings.training_container, dataset_blob="chat.jsonl", dataset_etag=etag,
+               base_model=MODEL, created_at="2024-05-01T10:00:00.123456+00:00", **fields)
+
+
+# ---- ingest -> submit ---------------------------------------------------------------------------------
+
+
+def test_submit_builds_the_seed_pipeline_job(backend, transport, settings):
+    run = stored_run(settings)
+    assert backend.submit_finetune(run, TrainingConfig()) == f"tunedrop-{run.run_id}"
+
+    ((_, url, body),) = transport.calls("PUT", r"/jobs/")
+    assert url.split("?")[0].endswith(f"/workspaces/ml-ws/jobs/tunedrop-{run.run_id}")
+    props = body["properties"]
+    assert props["experimentName"] == f"chat_completion_{MODEL}"
+    assert props["displayName"] == f"{MODEL}-ultrachat-bs1-cosine-ds2-lora-save_limit-1-seqlen-1"
+    assert props["tags"][RUN_ID_TAG] == run.run_id
+    assert props["settings"]["force_rerun"] is True and props["settings"]["continue_on_step_failure"] is False
+    assert props["outputs"] == {"trained_model": {"mode": "ReadWriteMount", "jobOutputType": "mlflow_model"}}
+    (node,) = props["jobs"].values()
+    assert node["componentId"] == "azureml://registries/azureml/components/chat_completion_pipeline/versions/0.0.57"
+    assert node["outputs"]["mlflow_model_folder"]["value"] == "${{parent.outputs.trained_model}}"
+    inputs = {k: v.get("value", v.get("uri")) for k, v in node["inputs"].items()}
+    store = f"azureml://datastores/tunedrop/paths/{run.run_id}"
+    assert inputs == {
+        "mlflow_model_path": "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/15",
+        "compute_model_import": "gpu-a100", "compute_preprocess": "gpu-a100", "compute_finetune": "gpu-a100",
+        "compute_model_evaluation": "gpu-a100",
+        "train_file_path": f"{store}/train.jsonl", "test_file_path": f"{store}/test.jsonl",
+        "number_of_gpu_to_use_finetuning": "1",
+        "num_train_epochs": "3", "per_device_train_batch_size": "1", "per_device_eval_batch_size": "1",
+        "learning_rate": "5e-06", "lr_scheduler_type": "cosine",
+        "apply_lora": "true", "apply_deepspeed": "true", "deepspeed_stage": "2",
+    }
+    # The split: every example once, deterministic, in the data container the datastore points at.
+    data = default_storage().blob_service.get_container_client(settings.azureml_data_container)
+    train = data.download_blob(f"{run.run_id}/train.jsonl").readall().splitlines()
+    test = data.download_blob(f"{run.run_id}/test.jsonl").readall().splitlines()
+    assert test and sorted(train + test) == sorted(dataset().splitlines())
+
+
+def test_a_repeated_submit_finds_the_job_instead_of_making_a_second(backend, transport, settings):
+    run = stored_run(settings)
+    transport.on("GET", rf"{ARM}/jobs/tunedrop-{run.run_id}\?", job(f"tunedrop-{run.run_id}", "Running"))
+    assert backend.submit_finetune(run, TrainingConfig()) == f"tunedrop-{run.run_id}"
+    assert transport.calls("PUT", r"/jobs/") == []
+
+
+def test_parameters_merge_seed_then_model_defaults_then_run_overrides():
+    tags = {"model_specific_defaults": "{'apply_deepspeed': 'false', 'learning_rate': 1e-4, 'precision': '16'}"}
+    params = finetune_parameters(TrainingConfig().with_overrides({"num_train_epochs": 1, "learning_rate": 2e-5}), tags)
+    assert params == {"num_train_epochs": 1, "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1,
+                      "learning_rate": 2e-5, "lr_scheduler_type": "cosine", "apply_lora": "true",
+                      "apply_deepspeed": "false", "deepspeed_stage": 2, "precision": "16"}
+    assert seed_display_name(MODEL, {**params, "max_seq_length": 512}, 4) == \
+        f"{MODEL}-ultrachat-bs4-cosine-nods-lora-save_limit-1-seqlen512"
+
+
+@pytest.mark.parametrize("tags, size, state, code", [
+    (None, "STANDARD_NC24ADS_A100_V4", "Succeeded", None),                       # allowed by the tag
+    (None, "Standard_NC6s_v3", "Succeeded", "compute_not_allowed"),              # not in the allow list
+    (None, "STANDARD_NC24ADS_A100_V4", "Failed", "compute_failed"),              # failed cluster
+    ({"task": "chat-completion"}, "Standard_NC6", "Succeeded", "compute_not_supported"),  # no tag: deny list
+    ({"task": "chat-completion"}, "Standard_NC6s_v3", "Succeeded", None),        # no tag, not denied
+    ({"task": "chat-completion"}, "Standard_D4s_v3", "Succeeded", "compute_no_gpus"),
+])
+def test_compute_checks_as_the_seed(backend, transport, tags, size, state, code):
+    transport.on("GET", rf"/models/{MODEL}/versions/15\?", registry_model(tags))
+    transport.on("GET", rf"{ARM}/computes/gpu-a100\?", compute(size, state))
+    model = backend.foundation_model()
+    if code is None:
+        assert backend.check_compute(model) == ("gpu-a100", 1)
+        return
+    with pytest.raises(BackendError) as caught:
+        backend.check_compute(model)
+    assert caught.value.code == code and not caught.value.retryable
+    assert "TUNEDROP_AZUREML_FINETUNE_COMPUTE" in str(caught.value)
+
+
+def test_a_missing_cluster_and_throttling_are_told_apart(backend, transport):
+    model = backend.foundation_model()
+    transport.on("GET", rf"{ARM}/computes/gpu-a100\?", error(404, "ResourceNotFound"))
+    with pytest.raises(BackendError) as missing:
+        backend.check_compute(model)
+    assert missing.value.code == "not_found" and not missing.value.retryable
+    transport.on("GET", rf"{ARM}/computes/gpu-a100\?", (429, {"error": {"code": "TooManyRequests", "message": "slow"}},
+                                                         {"Retry-After": "0"}))
+    with pytest.raises(BackendError) as throttled:
+        backend.check_compute(model)
+    assert throttled.value.retryable
+
+
+def test_ingest_fails_the_run_with_the_compute_fix_instead_of_raising(backend, transport, settings):
+    transport.on("GET", rf"{ARM}/computes/gpu-a100\?", compute(state="Failed"))
+    container = default_storage().blob_service.get_container_client(settings.training_container)
+    container.create_container()
+    container.upload_blob("chat.jsonl", dataset())
+    pipeline = Pipeline(settings, backend=backend)
+    run = pipeline.ingest(container.get_blob_client("chat.jsonl"))
+    assert run.state == runs.FAILED and "Cluster gpu-a100 is in state Failed" in run.error
+    assert transport.calls("PUT", r"/jobs/") == []
+
+
+# ---- job events -> register -> begin deploy -------------------------------------------------------------
+
+
+def mlflow_routes(transport, job_name: str) -> None:
+    transport.on("GET", rf"/api/2.0/mlflow/runs/get\?run_id={job_name}", {"run": {
+        "info": {"run_id": job_name, "experiment_id": "7", "status": "FINISHED"},
+        "data": {"metrics": [], "tags": [{"key": "mlflow.runName", "value": job_name}]}}})
+
+    def search(request, body):
+        children = {job_name: [("ft-node", "chat_completion_pipeline", [])],
+                    "ft-node": [("ft-step", "finetune", [("train_loss", 1.25)]),
+                                ("ev-step", "model_evaluation", [("perplexity", 3.5)])]}
+        parent = body["filter"].split("'")[1]
+        return {"runs": [{"info": {"run_id": rid, "experiment_id": "7"},
+                          "data": {"metrics": [{"key": k, "value": v, "step": 0, "timestamp": 0} for k, v in metrics],
+                                   "tags": [{"key": "mlflow.runName", "value": name}]}}
+                         for rid, name, metrics in children.get(parent, [])]}
+    transport.on("POST", r"/api/2.0/mlflow/runs/search", search)
+
+
+def grid(status: str, job_name: str, run_id: str, topic: str = WSID) -> RunEvent:
+    raw = run_event(status=status, topic=topic, job_name=job_name, experiment_name=f"chat_completion_{MODEL}",
+                    run_tags={RUN_ID_TAG: run_id})
+    return RunEvent(raw["id"], raw["eventType"], raw["topic"], raw["subject"], raw["data"])
+
+
+def submitted(pipeline: Pipeline, settings) -> Run:
+    run, _ = pipeline.store.create(stored_run(settings, job_name="tunedrop-chat-0123456789ab"))
+    pipeline.store.transition(run.run_id, runs.VALIDATING)
+    return pipeline.store.transition(run.run_id, runs.SUBMITTED)
+
+
+def test_completion_event_registers_once_and_starts_the_endpoint(backend, transport, settings):
+    pipeline = Pipeline(settings, backend=backend)
+    run = submitted(pipeline, settings)
+    job_name = run.job_name
+    transport.on("GET", rf"{ARM}/jobs/{job_name}\?", job(job_name, "Completed"))
+    mlflow_routes(transport, job_name)
+    ep = endpoint_name_for(run.run_id)
+    transport.on("PUT", rf"{ARM}/onlineEndpoints/{ep}\?", put_echo(201, {
+        "Azure-AsyncOperation": "https://management.azure.com/subscriptions/s/providers/Microsoft.MachineLearningServices"
+                                "/locations/eastus/mfeOperationsStatus/oe:1?api-version=2022-02-01-preview"}))
+
+    # A child step's completion and an unrelated job's change nothing.
+    assert pipeline.on_run_event(grid("Completed", "ft-step", run.run_id)) is None
+    assert pipeline.on_run_event(grid("Completed", "someone-elses-job", "not-a-run")) is None
+    assert transport.calls("PUT", r"/models/") == []
+
+    done = pipeline.on_run_event(grid("Completed", job_name, run.run_id))
+    assert done.state == runs.DEPLOYING and done.endpoint_name == ep
+    assert done.metrics == {"finetune/train_loss": 1.25, "model_evaluation/perplexity": 3.5}
+    ((_, url, body),) = transport.calls("PUT", r"/models/")
+    assert url.split("?")[0].endswith(f"/models/{MODEL}-ultrachat-200k/versions/20240501100000123456")
+    assert body["properties"]["modelType"] == "mlflow_model"
+    assert body["properties"]["modelUri"] == f"azureml://jobs/{job_name}/outputs/trained_model"
+    assert body["properties"]["tags"][RUN_ID_TAG] == run.run_id and job_name in body["properties"]["description"]
+    ((_, _, ep_body),) = transport.calls("PUT", r"/onlineEndpoints/")
+    assert ep_body["properties"]["authMode"] == "Key"
+    assert ep_body["tags"]["model_version"] == "20240501100000123456"
+
+    # The same event again (Event Grid: at least once): the version is found, nothing new is made.
+    transport.on("GET", rf"{ARM}/models/{MODEL}-ultrachat-200k/versions/20240501100000123456\?", put_echo()(
+        type("R", (), {"url": "https://management.azure.com" + WSID +
+                              f"/models/{MODEL}-ultrachat-200k/versions/20240501100000123456"})(),
+        json.loads(json.dumps(body)))[1])
+    assert backend.register_model(done) == ModelRef(f"{MODEL}-ultrachat-200k", "20240501100000123456")
+    assert len(transport.calls("PUT", r"/models/")) == 1
+    assert pipeline.on_run_event(grid("Completed", job_name, run.run_id)).state == runs.DEPLOYING
+
+
+def test_failed_job_fails_the_run_with_the_reason_from_the_job(backend, transport, settings):
+    pipeline = Pipeline(settings, backend=backend)
+    run = submitted(pipeline, settings)
+    transport.on("GET", rf"{ARM}/jobs/{run.job_name}\?", job(run.job_name, "Failed"))
+    transport.on("GET", rf"/history/v1.0/.*/runs/{run.job_name}$", {"runId": run.job_name, "status": "Failed", "error": {
+        "error": {"code": "UserError", "message": "CUDA out of memory in finetune"}}})
+    failed = pipeline.on_run_event(grid("Failed", run.job_name, run.run_id))
+    assert failed.state == runs.FAILED and "CUDA out of memory in finetune" in failed.error
+
+
+# ---- sweeper: deployment state, errors, traffic, delete ---------------------------------------------------
+
+
+def test_the_deployment_starts_when_the_endpoint_is_ready_and_traffic_follows(backend, transport):
+    ep = "td-chat-0123456789"
+    tags = {RUN_ID_TAG: "r", "model_name": "m", "model_version": "1"}
+    transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}\?", endpoint(ep, "Creating", tags))
+    assert backend.get_deployment(ep).state == DEPLOY_CREATING
+    transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}\?", endpoint(ep, "Succeeded", tags))
+    transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}/deployments\?", {"value": []})
+    transport.on("PUT", rf"{ARM}/onlineEndpoints/{ep}/deployments/demo\?", put_echo(201))
+    assert backend.get_deployment(ep).state == DEPLOY_CREATING
+    ((_, _, body),) = transport.calls("PUT", r"/deployments/demo")
+    props = body["properties"]
+    assert props["instanceType"] == "Standard_NC6s_v3" and body["sku"]["capacity"] == 1
+    assert props["model"] == f"{WSID}/models/m/versions/1"
+    assert props["livenessProbe"]["initialDelay"] == "PT10M" and props["requestSettings"]["requestTimeout"] == "PT1M30S"
+    transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}/deployments/demo\?", deployment(ep, "Succeeded"))
+    assert backend.get_deployment(ep).state == DEPLOY_READY
+    transport.on("PUT", rf"{ARM}/onlineEndpoints/{ep}\?", put_echo(200))
+    backend.activate(ep)
+    assert transport.calls("PUT", rf"/onlineEndpoints/{ep}\?")[-1][2]["properties"]["traffic"] == {"demo": 100}
+    transport.on("DELETE", rf"{ARM}/onlineEndpoints/{ep}\?", (202, None, {}))
+    backend.delete_endpoint(ep)
+    assert transport.calls("DELETE", rf"/onlineEndpoints/{ep}\?")
+    transport.on("DELETE", rf"{ARM}/onlineEndpoints/{ep}\?", error(404, "NotFound"))
+    backend.delete_endpoint(ep)  # already gone: not an error
+
+
+@pytest.mark.parametrize("code, fix", [
+    ("OutOfQuota", "request more quota"),
+    ("BadArgument", "TUNEDROP_AZUREML_INSTANCE_TYPE"),
+    ("OutOfCapacity", "retry the run later"),
+    ("ResourceNotReady", "get-logs"),
+])
+@pytest.mark.parametrize("when", ["at_put", "while_provisioning"])
+def test_each_deployment_error_is_mapped_to_its_fix(backend, transport, code, fix, when):
+    ep = "td-chat-0123456789"
+    tags = {RUN_ID_TAG: "r", "model_name": "m", "model_version": "1"}
+    transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}\?", endpoint(ep, "Succeeded", tags))
+    transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}/deployments\?", {"value": []})
+    message = f"{code}: details from Azure ML"
+    if when == "at_put":
+        transport.on("PUT", rf"/deployments/demo\?", error(400, code, message))
+    else:
+        op = ("https://management.azure.com/subscriptions/s/providers/Microsoft.MachineLearningServices/locations/eastus"
+              "/mfeOperationsStatus/od:1?api-version=2022-02-01-preview")
+        transport.on("PUT", rf"/deployments/demo\?", put_echo(201, {"Azure-AsyncOperation": op}))
+        transport.on("GET", r"/mfeOperationsStatus/od:1", {"status": "InProgress"})
+        assert backend.get_deployment(ep).state == DEPLOY_CREATING
+        transport.on("GET", r"/mfeOperationsStatus/od:1", {"status": "Failed", "error": {"code": code, "message": message}})
+        transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}/deployments/demo\?", deployment(ep, "Failed"))
+    info = backend.get_deployment(ep)
+    assert info.state == DEPLOY_FAILED and info.error_code == code
+    assert fix in info.error and message in info.error
+
+
+# ---- score ----------------------------------------------------------------------------------------------
+
+
+def test_scoring_target_uses_the_key_cached_with_an_expiry(backend, transport):
+    ep = "td-chat-0123456789"
+    transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}\?", endpoint(ep))
+    transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}/deployments\?", {"value": []})
+    transport.on("POST", rf"{ARM}/onlineEndpoints/{ep}/listKeys\?", {"primaryKey": "k-primary", "secondaryKey": "k-2"})
+    target = backend.scoring_target(ep)
+    assert target.url == f"https://{ep}.eastus.inference.ml.azure.com/score" and target.key == "k-primary"
+    assert target.headers == {"azureml-model-deployment": "demo"} and "k-primary" not in repr(target)
+    backend.scoring_target(ep)
+    assert len(transport.calls("POST", r"/listKeys")) == 1
+    backend._keys[ep] = (0.0, target)  # expired
+    backend.scoring_target(ep)
+    assert len(transport.calls("POST", r"/listKeys")) == 2
+
+
+def test_score_sends_the_seed_request_with_the_key_and_maps_endpoint_failures(backend, transport, settings):
+    import httpx
+
+    from shared.scoring import OPENAI_FORMAT, Scorer
+
+    pipeline = Pipeline(settings, backend=backend)
+    run = submitted(pipeline, settings)
+    for state in (runs.SUCCEEDED, runs.REGISTERED):
+        pipeline.store.transition(run.run_id, state)
+    ep = endpoint_name_for(run.run_id)
+    pipeline.store.transition(run.run_id, runs.DEPLOYING, endpoint_name=ep)
+    pipeline.store.transition(run.run_id, runs.DEPLOYED)
+    transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}\?", endpoint(ep))
+    transport.on("POST", rf"{ARM}/onlineEndpoints/{ep}/listKeys\?", {"primaryKey": "k-primary", "secondaryKey": "k-2"})
+    seen, answers = [], [httpx.Response(200, json={"output": "Oslo."})]
+
+    def endpoint_app(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    scorer = Scorer(pipeline)
+    scorer._client = httpx.Client(transport=httpx.MockTransport(endpoint_app))
+    body = json.dumps({"messages": [{"role": "user", "content": "Capital of Norway?"}], "max_tokens": 50}).encode()
+    reply = scorer.score(run.run_id, body, OPENAI_FORMAT)
+    assert reply.status == 200 and reply.body["choices"][0]["message"]["content"] == "Oslo."
+    (request,) = seen
+    assert str(request.url) == f"https://{ep}.eastus.inference.ml.azure.com/score"
+    assert request.headers["authorization"] == "Bearer k-primary"
+    assert request.headers["azureml-model-deployment"] == "demo"
+    assert json.loads(request.content) == {"input_data": {
+        "input_string": [{"role": "user", "content": "Capital of Norway?"}],
+        "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 50}}, "params": {}}
+    answers[:] = [httpx.Response(429, headers={"Retry-After": "7"}), httpx.Response(503),
+                  httpx.ReadTimeout("slow"), httpx.Response(500)]
+    got = [scorer.score(run.run_id, body, OPENAI_FORMAT) for _ in range(4)]
+    assert [(r.status, r.headers.get("Retry-After")) for r in got] == [(429, "7"), (503, "10"), (504, "10"), (502, "10")]
+    assert len(transport.calls("POST", r"/listKeys")) == 1  # the key is cached
+
+
+# ---- the real thing (opt-in) -----------------------------------------------------------------------------
+
+LIVE = os.environ.get("TUNEDROP_AZUREML_LIVE") == "1" and os.environ.get("TUNEDROP_WORKSPACE_ID", "").startswith("/subscriptions/")
+
+
+@pytest.mark.skipif(not LIVE, reason="live Azure ML test: set TUNEDROP_AZUREML_LIVE=1, TUNEDROP_WORKSPACE_ID, "
+                    "TUNEDROP_AZUREML_FINETUNE_COMPUTE and TUNEDROP_STORAGE__* of a real workspace (costs GPU hours)")
+def test_live_whole_chain_on_a_real_workspace(storage_env):  # pragma: no cover - needs Azure
+    import time
+
+    settings = Settings.from_env({**os.environ, "TUNEDROP_BACKEND": "azureml"})
+    pipeline = Pipeline(settings)
+    container = default_storage().blob_service.get_container_client(settings.training_container)
+    if not container.exists():
+        container.create_container()
+    container.upload_blob("live.jsonl", dataset(40), overwrite=True,
+                          metadata={"tunedrop_num_train_epochs": "1", "tunedrop_max_steps": "5"})
+    run = pipeline.ingest(container.get_blob_client("live.jsonl"))
+    assert run.state == runs.SUBMITTED, run.error
+    deadline = time.time() + 4 * 3600
+    while time.time() < deadline:
+        run = pipeline.store.get(run.run_id)
+        if run.state in (runs.DEPLOYED, runs.FAILED):
+            break
+        pipeline.sweep()  # finds the job's end without Event Grid, then registers, deploys, activates
+        time.sleep(60)
+    assert run.state == runs.DEPLOYED, run.error
+    from shared.scoring import Scorer
+
+    body = json.dumps({"input_data": {"input_string": [{"role": "user", "content": "What is the capital of Norway?"}],
+                                      "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": True,
+                                                     "max_new_tokens": 200}}, "params": {}}).encode()
+    answer = Scorer(pipeline).score(run.run_id, body)
+    pipeline.backend.delete_endpoint(run.endpoint_name)
+    assert answer.status == 200, answer.body
+
+
+def test_the_handlers_get_the_azureml_backend_from_the_settings_without_touching_azure(storage_env, monkeypatch):
+    from shared.pipeline import get_pipeline
+
+    monkeypatch.setenv("TUNEDROP_BACKEND", "azureml")
+    monkeypatch.setenv("TUNEDROP_WORKSPACE_ID", WSID)
+    backend = get_pipeline().backend
+    assert isinstance(backend, AzureMLBackend) and backend.name == "azureml"
+    assert (backend.subscription_id, backend.resource_group, backend.workspace_name) == \
+        (SHAPES["subscription"], SHAPES["resource_group"], "ml-ws")
+    assert backend._clients == {}  # clients are made on first use, never at start-up
+    monkeypatch.setenv("TUNEDROP_WORKSPACE_ID", "/subscriptions/x/resourceGroups/y")
+    from shared.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="TUNEDROP_WORKSPACE_ID"):
+        Settings.from_env()
