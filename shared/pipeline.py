@@ -38,6 +38,10 @@ log = logging.getLogger("tunedrop.pipeline")
 
 #: Blob metadata keys with this prefix override training parameters for that one dataset.
 OVERRIDE_PREFIX = "tunedrop_"
+#: A JSON object of training-parameter overrides uploaded as `<dataset name>` + this, beside the
+#: dataset and before it. It is read when the dataset is ingested and never becomes a run itself.
+SIDECAR_SUFFIX = ".tunedrop.json"
+SIDECAR_MAX_BYTES = 64 * 1024
 #: How long a validation claim holds before another delivery may take over (longest function run).
 CLAIM_LEASE = timedelta(minutes=10)
 #: Job statuses that mean "on its way"; Azure ML reports several before Running.
@@ -95,7 +99,9 @@ class Pipeline:
         return self._move(run.run_id, runs.FAILED, "run.failed", {"error": error, "code": code, "failed_in": run.state},
                           error=error)
 
-    def training_config(self, metadata: dict[str, str] | None) -> TrainingConfig:
+    def training_config(self, metadata: dict[str, str] | None, sidecar: dict[str, Any] | None = None,
+                        sidecar_name: str = "sidecar") -> TrainingConfig:
+        """The seed's defaults < TUNEDROP_TRAINING_OVERRIDES < the sidecar file < blob metadata."""
         config = TrainingConfig()
         if self.settings.training_overrides:
             try:
@@ -105,7 +111,32 @@ class Pipeline:
             config = config.with_overrides(overrides, "TUNEDROP_TRAINING_OVERRIDES")
         per_blob = {k[len(OVERRIDE_PREFIX):].lower(): v for k, v in (metadata or {}).items()
                     if k.lower().startswith(OVERRIDE_PREFIX)}
+        if sidecar:
+            config = config.with_overrides(sidecar, sidecar_name)
         return config.with_overrides(per_blob, "blob metadata")
+
+    def _sidecar(self, blob) -> tuple[str, dict[str, Any] | None]:
+        """(its name, the overrides) of the dataset's sidecar `<name>.tunedrop.json`, if one exists."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        name = blob.blob_name + SIDECAR_SUFFIX
+        client = self.storage.blob_service.get_blob_client(blob.container_name, name)
+        try:
+            raw = client.download_blob(offset=0, length=SIDECAR_MAX_BYTES + 1).readall()
+        except ResourceNotFoundError:
+            return name, None
+        if len(raw) > SIDECAR_MAX_BYTES:
+            raise TrainingConfigError(f"{name}: over {SIDECAR_MAX_BYTES // 1024} KiB; it holds only a JSON object "
+                                      "of training parameters.")
+        try:
+            overrides = json.loads(raw.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TrainingConfigError(f"{name}: not JSON ({exc}); write an object such as "
+                                      '{"num_train_epochs": 1}.') from None
+        if not isinstance(overrides, dict):
+            raise TrainingConfigError(f"{name}: a JSON object of training parameters is needed, "
+                                      f"not {type(overrides).__name__}.")
+        return name, overrides
 
     # ---- ingest -------------------------------------------------------------------------------
 
@@ -114,7 +145,7 @@ class Pipeline:
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
-        from shared.validation import Issue, validate_chunks
+        from shared.validation import Issue, detect_format, validate_chunks
 
         try:
             props = blob.get_blob_properties()
@@ -122,6 +153,9 @@ class Pipeline:
             log.info("blob %s/%s is gone, nothing to ingest", blob.container_name, blob.blob_name)
             return None
         container, name, etag = blob.container_name, blob.blob_name, props.etag
+        if name.endswith(SIDECAR_SUFFIX):
+            log.info("blob %s is a sidecar of training parameters, read when its dataset is ingested", name)
+            return None
         run_id = runs.run_id_for(container, name, etag)
         run, created = self.store.create(Run(
             run_id, dataset_container=container, dataset_blob=name, dataset_etag=etag,
@@ -132,10 +166,20 @@ class Pipeline:
             log.info("run %s: already %s, duplicate delivery ignored", run_id, run.state)
             return run
         try:
+            config_error = None
+            try:
+                sidecar_name, sidecar = self._sidecar(blob)
+                config = self.training_config(props.metadata, sidecar, sidecar_name)
+            except TrainingConfigError as exc:
+                config, config_error = None, exc
+            from shared.tokens import tokenizer_for
+
             report = validate_chunks(
                 blob.download_blob(etag=etag, match_condition=MatchConditions.IfNotModified).chunks(),
-                source=name, min_examples=self.settings.min_examples, max_errors=self.settings.max_errors,
-                max_line_bytes=self.settings.max_line_bytes,
+                source=name, format=detect_format(name), min_examples=self.settings.min_examples,
+                max_errors=self.settings.max_errors, max_line_bytes=self.settings.max_line_bytes,
+                tokenizer=tokenizer_for(self.settings),
+                max_seq_length=(config or TrainingConfig()).max_seq_length,
             )
         except ResourceModifiedError:
             # Overwritten while we read it: the new version has its own run; this one ends here.
@@ -144,13 +188,19 @@ class Pipeline:
         except Exception as exc:
             self.store.release(claimed, f"{type(exc).__name__}: {exc}")
             raise
-        try:
-            config = self.training_config(props.metadata)
-        except TrainingConfigError as exc:
-            config = None
-            report.errors.insert(0, Issue(code="bad_override", message=str(exc), field="metadata"))
+        if config_error is not None:
+            where = "sidecar" if str(config_error).startswith(name + SIDECAR_SUFFIX) else "metadata"
+            report.errors.insert(0, Issue(code="bad_override", message=str(config_error), field=where))
             report.error_count += 1
+            report.stats.setdefault("errors_by_code", {})["bad_override"] = 1
             report.accepted = False
+        elif report.accepted:
+            from shared.tokens import estimate
+
+            training = estimate(report.stats, config, self.settings.backend, self.settings.estimate_tokens_per_s,
+                                self.settings.estimate_cost_per_hour)
+            if training:
+                report.stats["training"] = training
         report_dict = report.to_dict()
         if not report.accepted:
             location = self._quarantine(blob, etag, run_id, report_dict)

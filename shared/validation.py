@@ -28,6 +28,8 @@ from typing import Any, Iterable, Iterator
 
 __all__ = [
     "CODES",
+    "FORMATS",
+    "detect_format",
     "ERROR_CODES",
     "WARNING_CODES",
     "Issue",
@@ -47,6 +49,10 @@ ERROR_CODES: dict[str, str] = {
     "compressed_file": "The file is compressed (gzip, zip, zstd, bzip2, xz, 7z), not plain JSONL.",
     "utf16_file": "The file starts with a UTF-16/UTF-32 byte-order mark instead of being UTF-8.",
     "binary_file": "The file holds NUL bytes: it is UTF-16 without a byte-order mark, or binary.",
+    "corrupt_gzip": "A .jsonl.gz file is not gzip, or its compressed stream is damaged or cut short.",
+    "invalid_parquet": "A .parquet file cannot be read as Parquet (damaged, cut short, or another format).",
+    "no_messages_column": "A Parquet file has no \"messages\" column.",
+    "parquet_unavailable": "Parquet support (pyarrow) is not installed where the validator runs.",
     # line level: syntax
     "line_too_long": "A line is longer than max_line_bytes; it was skipped unread.",
     "invalid_utf8": "A line is not valid UTF-8.",
@@ -79,6 +85,9 @@ ERROR_CODES: dict[str, str] = {
     "all_weights_zero": "Every assistant message has weight 0: nothing to learn.",
     # dataset level
     "too_few_examples": "Fewer valid examples than min_examples.",
+    "bad_override": "A training-parameter override (blob metadata `tunedrop_<param>`, the sidecar "
+    "`<name>.tunedrop.json`, or TUNEDROP_TRAINING_OVERRIDES) is unknown, has a bad value, or the sidecar "
+    "is not a JSON object.",
 }
 
 #: Every code a warning can carry, with what it means.
@@ -89,6 +98,8 @@ WARNING_CODES: dict[str, str] = {
     "last_message_not_assistant": "A conversation does not end with an assistant message; "
     "the trailing turns teach nothing.",
     "duplicate_conversation": "The same conversation (roles and contents) appeared on an earlier line.",
+    "too_long": "Examples longer than max_seq_length tokens of the target model: they will be truncated "
+    "(one warning, with the count and the first line).",
 }
 
 CODES: dict[str, str] = {**ERROR_CODES, **WARNING_CODES}
@@ -155,6 +166,17 @@ class Report:
         if s.get("invalid_examples"):
             head += f", {s['invalid_examples']:,} invalid"
         out = [head + "."]
+        tok = s.get("tokens")
+        if tok and tok.get("examples"):
+            line = (f"  tokens per example: min {tok['min']:,} / median {tok['median']:,} / p95 {tok['p95']:,} / "
+                    f"max {tok['max']:,}; total {tok['total']:,} ({tok['method']})")
+            if tok.get("over_max_seq_length"):
+                line += f"; {tok['over_max_seq_length']:,} over max_seq_length={tok['max_seq_length']:,}"
+            out.append(line)
+        if s.get("training"):
+            from shared.tokens import estimate_line
+
+            out.append("  " + estimate_line(s["training"]))
         shown, total, kind = (
             (self.errors, self.error_count, "errors") if self.errors or self.error_count
             else (self.warnings, self.warning_count, "warnings")
@@ -201,6 +223,57 @@ def _reject_constant(name):
 
 
 _decode = json.JSONDecoder(object_pairs_hook=_strict_pairs, parse_constant=_reject_constant).decode
+
+try:  # the fast path: orjson is strict RFC 8259 (no NaN, no lone surrogates, UTF-8 checked)
+    from orjson import dumps as _fast_dumps, loads as _fast_loads
+except ImportError:  # pragma: no cover - orjson is in requirements.txt; the stdlib path is complete
+    _fast_dumps = _fast_loads = None
+
+_FAILED = object()
+_KEYS_AND_STRINGS = bytes(b for b in range(256) if b not in b'":')
+
+
+def _shape(obj) -> tuple[int, int]:
+    """(keys in all objects, nesting depth of arrays/objects) of a parsed value; no recursion."""
+    level = [obj]
+    depth = 0
+    keys = 0
+    while level:
+        depth += 1
+        below: list = []
+        push = below.append
+        for v in level:
+            if type(v) is dict:
+                keys += len(v)
+                v = v.values()
+            for x in v:
+                t = type(x)
+                if t is dict or t is list:
+                    push(x)
+        level = below
+    return keys, depth
+
+
+def _has_duplicate_key(raw, obj) -> bool:
+    """True if the JSON text writes a key twice in one object (orjson keeps the last silently).
+
+    Outside strings a colon follows each key and nothing else, so the text's colons are its keys
+    plus the colons inside its strings. orjson's compact re-serialisation of the parsed value has
+    the parsed keys plus the same in-string colons, unless a colon was written as an escape
+    (``\\u003a``): when the text may hold one, the colons outside strings are counted on the text
+    itself (escaped backslashes, then escaped quotes, dropped first, as in :func:`_too_deep`).
+    """
+    colons = raw.count(b":")
+    if not colons:
+        return False
+    if b"u003" not in raw:
+        try:
+            return colons != _fast_dumps(obj).count(b":")
+        except Exception:  # pragma: no cover - e.g. deeper than orjson.dumps goes
+            pass
+    keys, _ = _shape(obj)
+    kept = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _KEYS_AND_STRINGS)
+    return b"".join(kept.split(b'"')[::2]).count(b":") != keys
 
 
 class _Marked(dict):
@@ -413,7 +486,7 @@ class _HashTable:
 
 _MISSING = object()
 _MAGIC = (
-    (b"\x1f\x8b", "gzip-compressed", "decompress it (gunzip) and upload the .jsonl"),
+    (b"\x1f\x8b", "gzip-compressed", "name it .jsonl.gz (gzip is accepted under that name), or decompress it"),
     (b"PK\x03\x04", "a zip archive", "extract the .jsonl and upload it"),
     (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it (zstd -d) and upload the .jsonl"),
     (b"BZh", "bzip2-compressed", "decompress it (bunzip2) and upload the .jsonl"),
@@ -424,6 +497,13 @@ _HEAD = 6  # bytes needed to recognise every magic number above
 _RESERVOIR = 200_000  # exact median up to this many examples, a uniform sample beyond
 _DEDUP_CAP = 2_000_000  # conversations remembered for duplicate detection (48 MB of table at most)
 _UNKNOWN_KEYS_CAP = 100
+_TOKEN_BATCH = 2048  # message texts per tokenizer call
+
+
+def _tok_overhead() -> int:
+    from shared.tokens import MESSAGE_OVERHEAD
+
+    return MESSAGE_OVERHEAD
 
 
 class _Validator:
@@ -437,8 +517,22 @@ class _Validator:
         max_depth: int = 32,
         collect: bool = False,
         track: bool = True,
+        tokenizer=None,
+        max_seq_length: int | None = None,
     ) -> None:
         self.min_examples = min_examples
+        self.tokenizer = tokenizer if track else None
+        self.max_seq_length = max_seq_length
+        self.tok_pending: list[tuple[int, list[str]]] = []  # (line, contents) not yet counted
+        self.tok_pending_texts = 0
+        self.tok = array("I")  # tokens per example: a reservoir, as for chars
+        self.tok_seen = 0
+        self.tok_min: int | None = None
+        self.tok_max: int | None = None
+        self.tok_total = 0
+        self.tok_kept = 0  # after truncation to max_seq_length
+        self.tok_over = 0
+        self.tok_first_over: int | None = None
         self.max_errors = max(0, max_errors)
         self.max_warnings = self.max_errors if max_warnings is None else max(0, max_warnings)
         self.max_line = max(1, max_line_bytes)
@@ -472,6 +566,8 @@ class _Validator:
         self.rng = random.Random(0x7D)
         self.seen = _HashTable(_DEDUP_CAP) if track else None
 
+        self.format = "jsonl"
+        self.compressed_bytes = 0
         self.head: bytes | None = b""  # bytes collected before the magic-number sniff, None after
         self.pend = bytearray()  # the current partial line
         self.skip_len = 0  # > 0 while skipping a too-long line
@@ -621,6 +717,15 @@ class _Validator:
                 first,
             )
 
+    def _nesting_too_deep(self, ln: int) -> None:
+        self.invalid += 1
+        self.error(
+            "nesting_too_deep",
+            f"JSON nests arrays/objects more than {self.max_depth} levels deep: "
+            f"a chat row needs only 3 (row, messages, message)",
+            ln,
+        )
+
     def _line(self, raw, newline: bool) -> None:
         self.lineno += 1
         ln = self.lineno
@@ -643,14 +748,21 @@ class _Validator:
             self.stop("binary_file", "file is UTF-16/binary (NUL bytes on this line): save it as UTF-8 JSONL "
                       "(one JSON object per line)", ln)
             return
+        if _fast_loads is not None:
+            try:
+                obj = _fast_loads(raw)  # refuses depth > 1024 itself, before any recursion limit
+            except Exception:  # not valid strict JSON: the stdlib path below says exactly what is wrong
+                obj = _FAILED
+            if obj is not _FAILED:
+                if raw.count(b"[") + raw.count(b"{") > self.max_depth and _shape(obj)[1] > self.max_depth:
+                    self._nesting_too_deep(ln)
+                    return
+                if not _has_duplicate_key(raw, obj):
+                    # orjson refuses lone surrogates, so no content needs the surrogate check
+                    self._row(obj, ln, False)
+                    return
         if raw.count(b"[") + raw.count(b"{") > self.max_depth and _too_deep(raw, self.max_depth):
-            self.invalid += 1
-            self.error(
-                "nesting_too_deep",
-                f"JSON nests arrays/objects more than {self.max_depth} levels deep: "
-                f"a chat row needs only 3 (row, messages, message)",
-                ln,
-            )
+            self._nesting_too_deep(ln)
             return
         try:
             text = raw.decode("utf-8")
@@ -841,6 +953,12 @@ class _Validator:
             k = self.rng.randrange(self.chars_seen)
             if k < _RESERVOIR:
                 self.chars[k] = min(chars, 0xFFFFFFFF)
+        if self.tokenizer is not None:
+            contents = flat[1::2]
+            self.tok_pending.append((ln, contents))
+            self.tok_pending_texts += len(contents)
+            if self.tok_pending_texts >= _TOKEN_BATCH:
+                self._count_tokens()
         h = hash(tuple(flat)) & 0xFFFFFFFFFFFFFFFF or 1
         first = self.seen.add(h, ln)
         if first:
@@ -933,14 +1051,80 @@ class _Validator:
                            "or 1 (learn it)", ln, f"messages[{i}].weight")
         return bad
 
+    # -- tokens ------------------------------------------------------------------------------
+
+    def _count_tokens(self) -> None:
+        """Count the pending examples' tokens in one batch (the fast tokenizer encodes in parallel)."""
+        pending, self.tok_pending, self.tok_pending_texts = self.tok_pending, [], 0
+        counts = self.tokenizer.count([t for _, contents in pending for t in contents])
+        i = 0
+        limit = self.max_seq_length
+        for ln, contents in pending:
+            k = len(contents)
+            n = sum(counts[i:i + k]) + _tok_overhead() * k
+            i += k
+            self.tok_total += n
+            if self.tok_min is None or n < self.tok_min:
+                self.tok_min = n
+            if self.tok_max is None or n > self.tok_max:
+                self.tok_max = n
+            if limit and n > limit:
+                self.tok_over += 1
+                if self.tok_first_over is None:
+                    self.tok_first_over = ln
+                n_kept = limit
+            else:
+                n_kept = n
+            self.tok_kept += n_kept
+            self.tok_seen += 1
+            if len(self.tok) < _RESERVOIR:
+                self.tok.append(min(n, 0xFFFFFFFF))
+            else:
+                j = self.rng.randrange(self.tok_seen)
+                if j < _RESERVOIR:
+                    self.tok[j] = min(n, 0xFFFFFFFF)
+
+    def _token_stats(self) -> dict | None:
+        if self.tokenizer is None:
+            return None
+        if self.tok_pending:
+            self._count_tokens()
+        if self.tok_over:
+            first = self.tok_first_over
+            self.warning(
+                "too_long",
+                f"{_plural(self.tok_over, 'example')} (the first on line {first}) "
+                f"{'is' if self.tok_over == 1 else 'are'} longer than max_seq_length={self.max_seq_length:,} tokens "
+                f"(longest: {self.tok_max:,}): {'it' if self.tok_over == 1 else 'they'} will be truncated; shorten or "
+                f"split {'it' if self.tok_over == 1 else 'them'}, or raise max_seq_length",
+                first, "messages",
+            )
+        values = sorted(self.tok)
+        return {
+            "method": self.tokenizer.method,
+            "exact": bool(getattr(self.tokenizer, "exact", False)),
+            "examples": self.tok_seen,
+            "min": self.tok_min,
+            "median": _median(values),
+            "p95": values[min(len(values) - 1, int(0.95 * len(values)))] if values else None,
+            "max": self.tok_max,
+            "total": self.tok_total,
+            "total_kept": self.tok_kept,
+            "max_seq_length": self.max_seq_length,
+            "over_max_seq_length": self.tok_over,
+            "sampled": self.tok_seen > _RESERVOIR,
+        }
+
     # -- the verdict ---------------------------------------------------------------------------
 
     def report(self, source: str) -> Report:
+        tokens = self._token_stats() if not self.fatal else None
         if not self.fatal:
             nonblank = self.lineno - self.blank_lines
             if nonblank == 0:
-                what = "file is empty" if self.bytes == 0 else "file holds only blank lines"
-                self.dataset_error("empty_file", f"{what}: upload a JSONL file with one conversation per line")
+                what = ("file is empty" if self.bytes == 0 else "file has no rows" if self.format == "parquet"
+                        else "file holds only blank lines")
+                self.dataset_error("empty_file", f"{what}: upload a dataset with one conversation per line (row)")
             elif self.examples < self.min_examples:
                 self.dataset_error(
                     "too_few_examples",
@@ -969,6 +1153,12 @@ class _Validator:
             "warnings_by_code": dict(self.warnings_by_code),
             "stopped_early": self.fatal,
         }
+        if tokens is not None:
+            stats["tokens"] = tokens
+        if self.format != "jsonl":
+            stats["format"] = self.format
+            if self.format == "jsonl.gz":
+                stats["compressed_bytes"] = self.compressed_bytes
         return Report(
             accepted=self.error_count == 0,
             errors=list(self.errors),
@@ -1033,26 +1223,156 @@ def validate_chunks(
     chunks: Iterable[bytes],
     *,
     source: str = "dataset",
+    format: str = "jsonl",
     min_examples: int = 10,
     max_errors: int = 50,
     max_line_bytes: int = 1_048_576,
     max_depth: int = 32,
     max_warnings: int | None = None,
+    tokenizer=None,
+    max_seq_length: int | None = None,
 ) -> Report:
-    """Validate a chat JSONL dataset given as byte chunks of any size; memory stays bounded.
+    """Validate a chat dataset given as byte chunks of any size; memory stays bounded.
 
-    ``max_warnings`` defaults to ``max_errors``. The counts in the report are true totals even
-    where the lists are capped. Stops reading early only on a file-level error (compressed,
-    UTF-16 or binary file).
+    ``format`` is one of :data:`FORMATS` (see :func:`detect_format`). ``max_warnings`` defaults
+    to ``max_errors``. The counts in the report are true totals even where the lists are capped.
+    Stops reading early only on a file-level error (compressed, UTF-16 or binary file, damaged
+    gzip or Parquet). With a ``tokenizer`` (see :mod:`shared.tokens`), tokens per example are
+    counted in batches and examples over ``max_seq_length`` draw one ``too_long`` warning.
     """
     v = _Validator(min_examples=min_examples, max_errors=max_errors, max_warnings=max_warnings,
-                   max_line_bytes=max_line_bytes, max_depth=max_depth)
-    for chunk in chunks:
-        v.feed(chunk)
-        if v.fatal:
-            break
-    v.finish()
+                   max_line_bytes=max_line_bytes, max_depth=max_depth, tokenizer=tokenizer,
+                   max_seq_length=max_seq_length)
+    for _ in _drive(v, chunks, format):
+        pass
     return v.report(source)
+
+
+#: Dataset formats: chat JSONL, gzip-compressed chat JSONL, Parquet with a ``messages`` column.
+FORMATS = ("jsonl", "jsonl.gz", "parquet")
+_GZ_OUT = 1 << 20  # decompressed bytes per step: a small gzip cannot balloon in memory
+_SPOOL_MEMORY = 16 << 20  # a Parquet upload is spooled in memory up to this, then to a temp file
+_PARQUET_BATCH = 1024
+
+
+def detect_format(name: str) -> str:
+    """The format a dataset's file name says: ``*.parquet`` Parquet, ``*.gz`` gzipped JSONL, else JSONL."""
+    low = str(name).lower()
+    if low.endswith((".parquet", ".pq")):
+        return "parquet"
+    if low.endswith(".gz"):
+        return "jsonl.gz"
+    return "jsonl"
+
+
+def _drive(v: "_Validator", chunks: Iterable[bytes], format: str) -> Iterator[None]:
+    """Feed ``chunks`` of ``format`` to ``v``; yields after each piece so callers can drain rows."""
+    if format not in FORMATS:
+        raise ValueError(f"format {format!r}: use one of {', '.join(FORMATS)}")
+    v.format = format
+    if format == "parquet":
+        yield from _parquet_rows(v, chunks)
+    else:
+        for chunk in _gunzip(v, chunks) if format == "jsonl.gz" else chunks:
+            v.feed(chunk)
+            yield
+            if v.fatal:
+                return
+    v.finish()
+
+
+def _gunzip(v: "_Validator", chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Decompress a gzip stream (one or more members) as it arrives, at most _GZ_OUT bytes at a time."""
+    import zlib
+
+    d = zlib.decompressobj(wbits=31)
+    head = b""  # the first bytes, until the magic number is checked
+    member = False  # inside a member: some of its bytes were read, its end not yet
+    for chunk in chunks:
+        data = bytes(chunk)
+        v.compressed_bytes += len(data)
+        if head is not None:
+            head += data
+            if len(head) < 2:
+                continue
+            if head[:2] != b"\x1f\x8b":
+                v.stop("corrupt_gzip", "file is named .gz but is not gzip-compressed: name it .jsonl if it is "
+                       "plain JSONL, or compress it with gzip")
+                return
+            data, head = head, None
+        while data:
+            member = True
+            try:
+                out = d.decompress(data, _GZ_OUT)
+            except zlib.error as exc:
+                v.stop("corrupt_gzip", f"the gzip data is damaged ({exc}): compress the file again with gzip "
+                       "and upload it whole")
+                return
+            if out:
+                yield out
+                if v.fatal:
+                    return
+            if d.eof:  # a member ended; another may follow (concatenated gzip files)
+                data = d.unused_data
+                d = zlib.decompressobj(wbits=31)
+                member = False
+            else:
+                data = d.unconsumed_tail
+    if head:  # a single byte
+        v.stop("corrupt_gzip", "file is named .gz but is not gzip-compressed: name it .jsonl if it is plain JSONL")
+    elif member:
+        v.stop("corrupt_gzip", "the gzip stream is cut short (an interrupted upload?): upload the whole file again")
+
+
+def _parquet_rows(v: "_Validator", chunks: Iterable[bytes]) -> Iterator[None]:
+    """Spool the upload (memory up to _SPOOL_MEMORY, then a temp file), then read it row group by row group."""
+    import tempfile
+
+    v.head = None  # no byte sniffing: Parquet is binary
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_MEMORY) as spool:
+        for chunk in chunks:
+            spool.write(chunk)
+            v.bytes += len(chunk)
+        if not v.bytes:
+            return  # reported as an empty file
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            v.stop("parquet_unavailable", "Parquet needs pyarrow, which is not installed here: install pyarrow, "
+                   "or upload the dataset as .jsonl or .jsonl.gz")
+            return
+        spool.seek(0)
+        try:
+            pf = pq.ParquetFile(spool)
+            names = pf.schema_arrow.names
+        except Exception as exc:
+            v.stop("invalid_parquet", f"not a readable Parquet file ({_short(str(exc), 120)}): write it with "
+                   "datasets' to_parquet or pyarrow, or upload JSONL")
+            return
+        if "messages" not in names:
+            v.stop("no_messages_column", f'no "messages" column (columns: {", ".join(names[:10]) or "none"}): '
+                   'add a "messages" column of [{"role", "content"}, ...] lists')
+            return
+        columns = [c for c in ("messages", "prompt", "prompt_id") if c in names]
+        try:
+            for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
+                for row in batch.to_pylist():
+                    v.lineno += 1
+                    v._row(_drop_nulls(row), v.lineno, False)
+                v.done_bytes = v.bytes
+                yield
+        except Exception as exc:
+            v.stop("invalid_parquet", f"Parquet data unreadable after row {v.lineno:,} ({_short(str(exc), 120)}): "
+                   "write the file again")
+
+
+def _drop_nulls(row: dict) -> dict:
+    """A Parquet null means "absent" (columns and struct fields exist for every row)."""
+    out = {k: x for k, x in row.items() if x is not None}
+    msgs = out.get("messages")
+    if type(msgs) is list:
+        out["messages"] = [{k: x for k, x in m.items() if x is not None} if type(m) is dict else m for m in msgs]
+    return out
 
 
 def _read_chunks(path, chunk_size: int) -> Iterator[bytes]:
@@ -1065,28 +1385,26 @@ def _read_chunks(path, chunk_size: int) -> Iterator[bytes]:
 
 
 def validate_path(path, *, chunk_size: int = 1 << 20, **kw) -> Report:
-    """Validate a file on disk, read in ``chunk_size`` pieces. Takes validate_chunks' keywords."""
+    """Validate a file on disk, read in ``chunk_size`` pieces. Takes validate_chunks' keywords;
+    the format defaults to the one the file name says (:func:`detect_format`)."""
     kw.setdefault("source", os.path.basename(os.fspath(path)) or "dataset")
+    kw.setdefault("format", detect_format(os.fspath(path)))
     return validate_chunks(_read_chunks(path, chunk_size), **kw)
 
 
 def iter_conversations(
-    chunks: Iterable[bytes], *, max_line_bytes: int = 1_048_576, max_depth: int = 32
+    chunks: Iterable[bytes], *, format: str = "jsonl", max_line_bytes: int = 1_048_576, max_depth: int = 32
 ) -> Iterator[list[dict]]:
     """Yield the normalized messages ``[{"role", "content"}, ...]`` of each valid row, in order.
 
     Rows that validation would reject are skipped (validate first); ``weight`` and other message
-    keys are dropped. Memory is bounded by the chunk size.
+    keys are dropped. Memory is bounded by the chunk size (a Parquet row group).
     """
     v = _Validator(min_examples=0, max_errors=0, max_warnings=0, max_line_bytes=max_line_bytes,
                    max_depth=max_depth, collect=True, track=False)
-    for chunk in chunks:
-        v.feed(chunk)
+    for _ in _drive(v, chunks, format):
         if v.out:
             out, v.out = v.out, []
             yield from out
-        if v.fatal:
-            return
-    v.finish()
     if v.out:
         yield from v.out

@@ -87,6 +87,38 @@ def test_ingest_rejects_an_unknown_override_in_blob_metadata(app_env):
     assert "num_epochs" in run.report["errors"][0]["message"]
 
 
+def test_a_sidecar_is_no_run_and_a_bad_one_rejects_its_dataset(app_env):
+    settings = Settings.from_env()
+    sidecar = upload(settings, "good.jsonl.tunedrop.json", b'{"num_train_epochs": 1, "lora_rank": 8}')
+    assert handler("ingest")(sidecar) is None and get_pipeline().store.list() == []
+    handler("ingest")(upload(settings, "good.jsonl", good_dataset()))
+    (run,) = get_pipeline().store.list()
+    assert run.state == runs.REJECTED
+    error = run.report["errors"][0]
+    assert (error["code"], error["field"]) == ("bad_override", "sidecar") and "lora_rank" in error["message"]
+    assert error["message"].startswith("good.jsonl.tunedrop.json")
+
+
+def test_sidecar_overrides_apply_and_blob_metadata_wins(app_env):
+    settings = Settings.from_env()
+    upload(settings, "side.jsonl.gz.tunedrop.json", b'{"num_train_epochs": 1, "max_steps": 1, "lora_r": 4}')
+    import gzip
+
+    blob = upload(settings, "side.jsonl.gz", gzip.compress(good_dataset()), metadata={"tunedrop_lora_r": "8"})
+    handler("ingest")(blob)
+    (run,) = get_pipeline().store.list()
+    try:
+        assert run.state == runs.SUBMITTED, run.error
+        assert (run.config["num_train_epochs"], run.config["max_steps"], run.config["lora_r"]) == (1, 1, 8)
+        assert run.report["stats"]["format"] == "jsonl.gz"
+        assert run.report["stats"]["tokens"]["examples"] == 12
+        assert run.report["stats"]["training"]["epochs"] <= 1
+    finally:
+        from shared.backends.local import LocalBackend
+
+        LocalBackend(settings).stop_all()
+
+
 def test_ingest_twice_makes_one_run_and_one_job(app_env):
     settings = Settings.from_env()
     blob = upload(settings, "good.jsonl", good_dataset(), metadata={"tunedrop_max_steps": "1"})

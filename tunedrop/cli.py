@@ -192,14 +192,27 @@ def retry(run_id: str):
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @click.option("--min-examples", type=int, help="Fewest valid examples accepted (default: TUNEDROP_MIN_EXAMPLES).")
-def validate(file: Path, as_json: bool, min_examples: int | None):
-    """Check a dataset as the ingest function would. Exit 0 accepted, 1 rejected, 2 unreadable."""
+@click.option("--tokens/--no-tokens", default=None,
+              help="Count tokens per example (default: TUNEDROP_COUNT_TOKENS); --no-tokens is a quicker check.")
+def validate(file: Path, as_json: bool, min_examples: int | None, tokens: bool | None):
+    """Check a dataset (.jsonl, .jsonl.gz, .parquet) as the ingest function would.
+
+    Exit 0 accepted, 1 rejected, 2 unreadable.
+    """
+    import dataclasses
+
+    from shared.tokens import estimate, tokenizer_for
+    from shared.training import TrainingConfig
     from shared.validation import validate_path
 
     settings = _settings()
+    if tokens is not None:
+        settings = dataclasses.replace(settings, count_tokens=tokens)
+    config = TrainingConfig()
     try:
         report = validate_path(file, min_examples=min_examples if min_examples is not None else settings.min_examples,
-                               max_errors=settings.max_errors, max_line_bytes=settings.max_line_bytes)
+                               max_errors=settings.max_errors, max_line_bytes=settings.max_line_bytes,
+                               tokenizer=tokenizer_for(settings), max_seq_length=config.max_seq_length)
     except OSError as exc:
         if as_json:
             click.echo(json.dumps({"accepted": False, "errors": [{"line": None, "code": "unreadable",
@@ -208,6 +221,11 @@ def validate(file: Path, as_json: bool, min_examples: int | None):
         else:
             click.echo(f"Error: cannot read {file}: {exc.strerror}", err=True)
         sys.exit(2)
+    if report.accepted:
+        training = estimate(report.stats, config, settings.backend, settings.estimate_tokens_per_s,
+                            settings.estimate_cost_per_hour)
+        if training:
+            report.stats["training"] = training
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:

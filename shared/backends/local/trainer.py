@@ -94,8 +94,9 @@ def post_event(url: str | None, event: dict[str, Any], attempts: int = 5, timeou
 # -- data --------------------------------------------------------------------------------------
 
 
-def parse_dataset(path: Path) -> list[list[dict[str, str]]]:
-    """Conversations of a validated chat JSONL file, parsed the way the validator reads them."""
+def parse_dataset(path: Path, format: str = "jsonl") -> list[list[dict[str, str]]]:
+    """Conversations of a validated dataset file (jsonl, jsonl.gz or parquet), parsed the way the
+    validator reads them."""
     from shared.validation import iter_conversations
 
     def chunks():
@@ -103,7 +104,7 @@ def parse_dataset(path: Path) -> list[list[dict[str, str]]]:
             while chunk := handle.read(1 << 20):
                 yield chunk
 
-    return list(iter_conversations(chunks()))
+    return list(iter_conversations(chunks(), format=format))
 
 
 def split_examples(examples: Sequence[Any], test_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -347,7 +348,9 @@ class Job:
 
         data_path = self.dir / "dataset.jsonl"
         Storage().download_blob(dataset["container"], dataset["blob"], dataset.get("etag"), data_path)
-        conversations = parse_dataset(data_path)
+        from shared.validation import detect_format
+
+        conversations = parse_dataset(data_path, detect_format(dataset["blob"]))
         if not conversations:
             raise ValueError(f"dataset {dataset['blob']} holds no chat examples")
         train_rows, test_rows = split_examples(conversations, config.test_fraction, config.seed)

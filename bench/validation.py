@@ -1,0 +1,226 @@
+"""Dataset validation throughput and peak memory, side by side with a baseline and a ceiling.
+
+    .venv/bin/python bench/validation.py [--sizes 10,100] [--repeat 3] [--no-tokens] [--keep DIR]
+    make bench-validation
+
+Generates chat JSONL files (ultrachat-shaped rows, deterministic) of each size in a temp dir,
+then runs every variant in its own child process and reads that child's peak RSS from
+``os.wait4`` (``ru_maxrss``), so no variant inherits another's memory:
+
+* ``tunedrop``   : ``shared.validation.validate_path`` (structural checks, stats, duplicates);
+* ``tunedrop+tok``: the same with token counting (SmolLM2's fast tokenizer, batched), when the
+                   tokenizer is in the model cache;
+* ``pandas``     : the baseline, ``pandas.read_json(lines=True)`` then the same structural checks
+                   in plain Python;
+* ``bare-parse`` : the ceiling, a loop that only parses each line with the JSON parser the
+                   validator uses (orjson when installed).
+
+Figures are printed, never asserted (they depend on the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WORDS = ("the a of to and in is it you that he was for on are with as I his they be at one have this from "
+         "or had by hot word but what some we can out other were all there when up use your how said an each "
+         "she which do their time if will way about many then them write would like so these her long make "
+         "thing see him two has look more day could go come did number sound no most people my over know "
+         "water than call first who may down side been now find any new work part take get place made live "
+         "where after back little only round man year came show every good me give our under name very "
+         "through just form sentence great think say help low line differ turn cause much mean before move "
+         "right boy old too same tell does set three want air well also play small end put home read hand "
+         "port large spell add even land here must big high such follow act why ask men change went light "
+         "kind off need house picture try us again animal point mother world near build self earth father "
+         "Note: see https://example.com/a?b=c café naïve 東京 😀 \"quoted\" back\\slash tab\tnew\nline").split(" ")
+
+
+def generate(path: Path, size_mb: int, seed: int = 7) -> int:
+    """Write ultrachat-shaped rows until the file reaches size_mb MB; returns the row count."""
+    rng = random.Random(seed)
+    target = size_mb * 1_000_000
+    rows = 0
+    written = 0
+
+    def text(n: int) -> str:
+        return " ".join(rng.choices(WORDS, k=n))
+
+    with open(path, "w", encoding="utf-8") as f:
+        while written < target:
+            turns = rng.randint(1, 4)
+            messages = []
+            if rng.random() < 0.2:
+                messages.append({"role": "system", "content": text(rng.randint(5, 30))})
+            for _ in range(turns):
+                messages.append({"role": "user", "content": text(rng.randint(8, 80))})
+                messages.append({"role": "assistant", "content": text(rng.randint(30, 300))})
+            prompt = messages[1 if messages[0]["role"] == "system" else 0]["content"]
+            line = json.dumps({"prompt": prompt, "prompt_id": f"{rng.getrandbits(256):064x}", "messages": messages},
+                              ensure_ascii=rng.random() < 0.5) + "\n"
+            f.write(line)
+            written += len(line.encode())
+            rows += 1
+    return rows
+
+
+# -- the variants, each run as `python bench/validation.py --child VARIANT FILE` -----------------------
+
+
+def child_tunedrop(path: str, tokens: bool) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from shared.validation import validate_path
+
+    tokenizer = None
+    if tokens:
+        from shared.tokens import find_tokenizer
+
+        tokenizer = find_tokenizer("smollm2-135m-instruct", Path(os.environ.get(
+            "TUNEDROP_MODEL_CACHE", Path.home() / ".cache" / "tunedrop")))
+        if tokenizer is None:
+            return {"skipped": "no SmolLM2 tokenizer in the model cache"}
+    start = time.perf_counter()
+    report = validate_path(path, tokenizer=tokenizer) if tokens else validate_path(path)
+    elapsed = time.perf_counter() - start
+    assert report.accepted, report.summary()
+    return {"seconds": elapsed, "examples": report.stats["examples"],
+            "tokens": (report.stats.get("tokens") or {}).get("total")}
+
+
+def _checks(messages) -> bool:
+    """The structural checks of the baseline, in plain Python."""
+    if not isinstance(messages, list) or not messages:
+        return False
+    prev = None
+    has_assistant = False
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return False
+        role, content = m.get("role"), m.get("content")
+        if role not in ("system", "user", "assistant") or not isinstance(content, str) or not content.strip():
+            return False
+        if role == "system" and i != 0:
+            return False
+        if role == prev and role != "system":
+            return False
+        has_assistant |= role == "assistant"
+        prev = role
+    return has_assistant
+
+
+def child_pandas(path: str) -> dict:
+    import pandas as pd
+
+    start = time.perf_counter()
+    frame = pd.read_json(path, lines=True)
+    good = sum(1 for messages in frame["messages"] if _checks(messages))
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "examples": good}
+
+
+def child_bare(path: str) -> dict:
+    try:
+        from orjson import loads
+        parser = "orjson"
+    except ImportError:  # pragma: no cover
+        from json import loads
+        parser = "json"
+    start = time.perf_counter()
+    n = 0
+    with open(path, "rb") as f:
+        for line in f:
+            loads(line)
+            n += 1
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "examples": n, "parser": parser}
+
+
+def run_child(variant: str, path: Path) -> dict:
+    proc = subprocess.Popen([sys.executable, __file__, "--child", variant, str(path)], stdout=subprocess.PIPE,
+                            cwd=ROOT)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}"}
+    result = json.loads(out)
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10,100", help="file sizes in MB, comma-separated")
+    parser.add_argument("--no-tokens", action="store_true", help="skip the token-counting variant")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per variant; the best time is shown")
+    parser.add_argument("--keep", type=Path, help="generate the files into this folder and keep them")
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "FILE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        variant, path = args.child
+        result = {"tunedrop": lambda: child_tunedrop(path, False), "tunedrop+tok": lambda: child_tunedrop(path, True),
+                  "pandas": lambda: child_pandas(path), "bare-parse": lambda: child_bare(path)}[variant]()
+        print(json.dumps(result))
+        return 0
+
+    variants = ["bare-parse", "tunedrop", "pandas"] + ([] if args.no_tokens else ["tunedrop+tok"])
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    with tempfile.TemporaryDirectory(prefix="tunedrop-bench-") as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for size in sizes:
+            path = folder / f"chat-{size}mb.jsonl"
+            if not path.exists():
+                t0 = time.perf_counter()
+                count = generate(path, size)
+                print(f"generated {path.name}: {count:,} rows, {path.stat().st_size / 1e6:.1f} MB "
+                      f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            mb = path.stat().st_size / 1e6
+            results = {}
+            for v in variants:  # best time of --repeat runs (each its own process), highest peak RSS
+                tries = [run_child(v, path) for _ in range(args.repeat)]
+                ok = [r for r in tries if "seconds" in r]
+                results[v] = (dict(min(ok, key=lambda r: r["seconds"]),
+                                   peak_rss_mb=max(r["peak_rss_mb"] for r in ok)) if ok else tries[0])
+            for v in variants:
+                r = results[v]
+                if "seconds" not in r:
+                    rows.append((size, v, None, None, None, r.get("skipped") or r.get("error")))
+                    continue
+                rows.append((size, v, r["seconds"], mb / r["seconds"], r["peak_rss_mb"], r))
+        print()
+        print(f"{'file':>7} {'variant':<13} {'seconds':>8} {'MB/s':>8} {'peak RSS MB':>12}  notes")
+        by = {(s, v): r for s, v, *r in rows}
+        for size, v, secs, rate, rss, extra in rows:
+            if secs is None:
+                print(f"{size:>5}MB {v:<13} {'-':>8} {'-':>8} {'-':>12}  {extra}")
+                continue
+            notes = []
+            if v == "tunedrop":
+                bare = by.get((size, "bare-parse"))
+                pandas = by.get((size, "pandas"))
+                if bare and bare[0]:
+                    notes.append(f"{secs / bare[0]:.2f}x the bare parse")
+                if pandas and pandas[0]:
+                    notes.append(f"{pandas[0] / secs:.1f}x faster than pandas")
+            if v == "bare-parse":
+                notes.append(f"parser: {extra.get('parser')}")
+            if v == "tunedrop+tok" and extra.get("tokens"):
+                notes.append(f"{extra['tokens']:,} tokens")
+            print(f"{size:>5}MB {v:<13} {secs:>8.2f} {rate:>8.1f} {rss:>12.1f}  {'; '.join(notes)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Dataset formats (.jsonl.gz, Parquet), token counting, the orjson fast path, the fault catalogue."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared.tokens import EstimateTokenizer, estimate, find_tokenizer
+from shared.training import TrainingConfig
+from shared.validation import (
+    CODES,
+    detect_format,
+    iter_conversations,
+    validate_chunks,
+    validate_path,
+)
+from tests.test_validation import SETTINGS, chunked, codes, dataset, line, row
+
+#: Codes whose tests live here (or in test_handlers), beside test_validation's per-code cases.
+TESTED_CODES = {"corrupt_gzip", "invalid_parquet", "no_messages_column", "parquet_unavailable", "too_long",
+                "bad_override"}
+
+
+def rows_data(n: int = 12) -> list[dict]:
+    return [row(i) for i in range(n)]
+
+
+# -- gzip ------------------------------------------------------------------------------------
+
+
+def test_detect_format():
+    assert [detect_format(n) for n in ("a.jsonl", "a.JSONL.GZ", "x/train.parquet", "a.json", "a.gz")] == [
+        "jsonl", "jsonl.gz", "parquet", "jsonl", "jsonl.gz"]
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096, 1 << 20])
+def test_gzip_is_streamed_and_chunking_never_matters(size):
+    data = dataset(line({"messages": [{"role": "bot", "content": "x"}]}))
+    plain = validate_chunks([data])
+    packed = gzip.compress(data)
+    report = validate_chunks(chunked(packed, size), format="jsonl.gz")
+    assert codes(report.errors) == ["unknown_role"] and report.errors[0].line == 3
+    assert report.stats["format"] == "jsonl.gz" and report.stats["compressed_bytes"] == len(packed)
+    assert {k: v for k, v in report.stats.items() if k not in ("format", "compressed_bytes")} == plain.stats
+
+
+def test_gzip_multi_member_and_iter_conversations():
+    data = dataset()
+    half = data.index(b"\n", len(data) // 2) + 1
+    packed = gzip.compress(data[:half]) + gzip.compress(data[half:])
+    assert validate_chunks([packed], format="jsonl.gz").stats["examples"] == 12
+    assert len(list(iter_conversations(chunked(packed, 100), format="jsonl.gz"))) == 12
+
+
+def test_gzip_bomb_is_decompressed_in_bounded_pieces():
+    packed = gzip.compress(b"\n" * (50 << 20))  # 50 MB of blank lines in ~50 KB
+    seen = []
+    from shared import validation
+
+    v = validation._Validator()
+    for piece in validation._gunzip(v, [packed]):
+        seen.append(len(piece))
+    assert max(seen) <= validation._GZ_OUT and sum(seen) == 50 << 20
+
+
+@pytest.mark.parametrize("data,words", [
+    (dataset(), "not gzip-compressed"),
+    (b"x", "not gzip-compressed"),
+    (gzip.compress(dataset())[:-30], "cut short"),
+    (b"\x1f\x8b\x07" + gzip.compress(dataset())[3:], "damaged"),
+])
+def test_corrupt_gzip(data, words):
+    report = validate_chunks(chunked(data, 16), format="jsonl.gz")
+    assert codes(report.errors) == ["corrupt_gzip"], report.summary()
+    assert words in report.errors[0].message and report.errors[0].line is None and report.errors[0].field is None
+    assert not report.accepted
+
+
+def test_gzip_named_jsonl_still_rejected_with_a_hint(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(gzip.compress(dataset()))
+    report = validate_path(path)
+    assert codes(report.errors) == ["compressed_file"] and ".jsonl.gz" in report.errors[0].message
+    (tmp_path / "data.jsonl.gz").write_bytes(path.read_bytes())
+    assert validate_path(tmp_path / "data.jsonl.gz").accepted
+
+
+# -- parquet -----------------------------------------------------------------------------------
+
+
+def parquet_bytes(rows: list[dict], tmp_path: Path, **kw) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, **kw)
+    return path.read_bytes()
+
+
+def test_parquet_rows_are_checked_with_row_numbers(tmp_path):
+    rows = rows_data(12)
+    rows[4]["messages"][1]["role"] = "bot"
+    data = parquet_bytes(rows, tmp_path, row_group_size=5)
+    report = validate_chunks(chunked(data, 1000), format="parquet")
+    assert codes(report.errors) == ["unknown_role"]
+    assert (report.errors[0].line, report.errors[0].field) == (5, "messages[1].role")
+    assert report.stats["examples"] == 11 and report.stats["format"] == "parquet"
+    convs = list(iter_conversations([data], format="parquet"))
+    assert len(convs) == 11 and convs[0] == rows[0]["messages"]
+
+
+def test_parquet_nulls_mean_absent(tmp_path):
+    # OpenAI rows next to ultrachat rows: prompt is null where absent; weight null where not given
+    rows = [{"messages": [{"role": "user", "content": f"q{i}", "weight": None},
+                          {"role": "assistant", "content": "a", "weight": 1 if i % 2 else None}],
+             "prompt": None if i % 2 else f"q{i}"} for i in range(12)]
+    report = validate_chunks([parquet_bytes(rows, tmp_path)], format="parquet")
+    assert report.accepted, report.summary()
+
+
+def test_parquet_file_level_faults(tmp_path, monkeypatch):
+    no_messages = parquet_bytes([{"text": "hi"}] * 12, tmp_path)
+    report = validate_chunks([no_messages], format="parquet")
+    assert codes(report.errors) == ["no_messages_column"] and "text" in report.errors[0].message
+    report = validate_chunks([dataset()], format="parquet")
+    assert codes(report.errors) == ["invalid_parquet"] and report.errors[0].line is None
+    truncated = parquet_bytes(rows_data(), tmp_path)[:-100]
+    assert codes(validate_chunks([truncated], format="parquet").errors) == ["invalid_parquet"]
+    assert codes(validate_chunks([], format="parquet").errors) == ["empty_file"]
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pyarrow(name, *a, **kw):
+        if name.startswith("pyarrow"):
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    report = validate_chunks([no_messages], format="parquet")
+    assert codes(report.errors) == ["parquet_unavailable"] and ".jsonl" in report.errors[0].message
+
+
+# -- tokens ------------------------------------------------------------------------------------
+
+
+def test_too_long_warning_names_count_and_first_line():
+    long = row(1)
+    long["messages"][1]["content"] = "word " * 200  # 1000 chars: ~250 tokens by the estimate
+    data = dataset(line(long))
+    report = validate_chunks([data], tokenizer=EstimateTokenizer(), max_seq_length=100)
+    assert report.accepted
+    assert codes(report.warnings) == ["too_long"]
+    w = report.warnings[0]
+    assert (w.line, w.field) == (3, "messages") and "1 example" in w.message and "max_seq_length=100" in w.message
+    tok = report.stats["tokens"]
+    assert tok["over_max_seq_length"] == 1 and tok["max"] > 100 and tok["total_kept"] < tok["total"]
+    assert tok["min"] <= tok["median"] <= tok["p95"] <= tok["max"] and tok["examples"] == 13
+    assert tok["method"].startswith("estimate") and tok["exact"] is False
+    assert "tokens per example" in report.summary()
+    assert "tokens" not in validate_chunks([data]).stats  # switched off: no tokenizer
+
+
+def test_token_batches_do_not_change_counts(monkeypatch):
+    from shared import validation
+
+    data = b"\n".join(line(row(i)) for i in range(300))
+    whole = validate_chunks([data], tokenizer=EstimateTokenizer(), max_seq_length=10).stats["tokens"]
+    monkeypatch.setattr(validation, "_TOKEN_BATCH", 7)
+    assert validate_chunks([data], tokenizer=EstimateTokenizer(), max_seq_length=10).stats["tokens"] == whole
+
+
+def test_fast_tokenizer_from_the_model_cache(model_cache):
+    cache = Path(os.environ.get("TUNEDROP_MODEL_CACHE", Path.home() / ".cache" / "tunedrop")).expanduser()
+    tok = find_tokenizer("smollm2-135m-instruct", cache) or find_tokenizer("smollm2-135m-instruct", model_cache)
+    if tok is None:
+        pytest.skip("no SmolLM2 tokenizer cached on this machine")
+    assert tok.count(["The capital of France is Paris."]) == [7]
+    report = validate_chunks([dataset()], tokenizer=tok, max_seq_length=512)
+    assert report.stats["tokens"]["exact"] is True and report.stats["tokens"]["over_max_seq_length"] == 0
+    assert find_tokenizer("Phi-3-mini-4k-instruct", cache) is None
+
+
+def test_estimate_line():
+    stats = validate_chunks([dataset()], tokenizer=EstimateTokenizer(), max_seq_length=512).stats
+    config = TrainingConfig().with_overrides({"test_fraction": 0.5, "num_train_epochs": 2})
+    est = estimate(stats, config, "local")
+    assert est["training_tokens"] == int(stats["tokens"]["total_kept"] * 0.5 * 2)
+    assert est["tokens_per_s"] == 170 and est["estimated_cost"] == 0
+    assert estimate(stats, config, "azureml", tokens_per_s=10, cost_per_hour=36)["estimated_cost"] > 0
+    report = validate_chunks([dataset()])
+    assert estimate(report.stats, config, "local") is None
+
+
+# -- the orjson fast path keeps strict RFC 8259 -------------------------------------------------
+
+keys = st.sampled_from(["a", "b", "a:", ":", 'q"', "\\", "k\\\\"])
+leaf = st.none() | st.integers() | st.text(alphabet='ab:"\\ \u00e9', max_size=6)
+
+
+def _render(value, style: int) -> str:
+    """JSON text with possibly duplicated keys (value is a list of pairs for objects)."""
+    if isinstance(value, tuple):  # object as pairs
+        sep = [":", " : ", ":\t"][style % 3]
+        return "{" + ",".join(json.dumps(k, ensure_ascii=style % 2 == 0) + sep + _render(v, style)
+                              for k, v in value[1]) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_render(v, style) for v in value) + "]"
+    text = json.dumps(value, ensure_ascii=style % 2 == 0)
+    return text.replace(":", "\\u003a") if style == 4 and isinstance(value, str) else text
+
+
+objects = st.recursive(leaf, lambda children: st.lists(children, max_size=3)
+                       | st.lists(st.tuples(keys, children), max_size=4).map(lambda p: ("obj", p)), max_leaves=12)
+
+
+@SETTINGS
+@given(objects, st.integers(0, 5))
+def test_duplicate_keys_found_exactly_as_the_stdlib_finds_them(value, style):
+    from shared.validation import _has_duplicate_key, _fast_loads
+
+    text = _render(value, style).encode()
+    seen_dup = False
+
+    def hook(pairs):
+        nonlocal seen_dup
+        seen_dup |= len({k for k, _ in pairs}) != len(pairs)
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=hook)
+    assert _has_duplicate_key(text, _fast_loads(text)) == seen_dup
+
+
+def test_fault_catalogue_is_in_step_with_the_code():
+    from tunedrop.readme import FAULTS, faults_markdown
+
+    assert FAULTS.read_text() == faults_markdown(), "docs/dataset-faults.md is out of date: run python -m tunedrop.readme"
+    for code in CODES:
+        assert f"`{code}`" in FAULTS.read_text()
