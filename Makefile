@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.tunedrop-installed
 
-.PHONY: setup demo test up bench clean
+.PHONY: setup demo test lint soak up bench bench-validation clean
 
 setup: $(STAMP) node_modules/.installed
 
@@ -26,8 +26,26 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# checkov in its own venv: its pins (and its size) stay out of the app's. No network at scan time.
+LINT_VENV := .venv-lint
+CHECKOV_VERSION := 3.3.30
+$(LINT_VENV)/.installed:
+	test -x $(LINT_VENV)/bin/python || $(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
+	touch $@
+
+lint: $(LINT_VENV)/.installed
+	BC_SKIP_MAPPING=TRUE $(LINT_VENV)/bin/checkov -d infra --framework bicep arm --compact --quiet --skip-download
+
+# Longer duplicate storms than `make test` runs, with their figures printed.
+soak: setup
+	TUNEDROP_STORM=50 $(PY) -m pytest -q -s tests/reliability
+
 up: setup
 	$(VENV)/bin/tunedrop up
+
+bench-validation: setup
+	$(PY) bench/validation.py
 
 clean:
 	rm -rf .tunedrop

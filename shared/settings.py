@@ -154,6 +154,85 @@ class Settings:
         "TUNEDROP_TRAINING_OVERRIDES",
     )
 
+    azureml_registry: str = _setting(
+        "azureml", "Azure ML: registry holding the foundation model and `chat_completion_pipeline` (seed: azureml).",
+        "TUNEDROP_AZUREML_REGISTRY",
+    )
+    azureml_model_label: str = _setting(
+        "latest", "Azure ML: label of the foundation model and pipeline component to use (seed: latest).",
+        "TUNEDROP_AZUREML_MODEL_LABEL",
+    )
+    azureml_finetune_compute: str = _setting(
+        "gpu-cluster",
+        "Azure ML: GPU cluster of the fine-tune step; checked against the model's `finetune_compute_allow_list`.",
+        "TUNEDROP_AZUREML_FINETUNE_COMPUTE",
+    )
+    azureml_import_compute: str = _setting(
+        "", "Azure ML: cluster of the model-import step. Empty: the fine-tune cluster (as the seed).",
+        "TUNEDROP_AZUREML_IMPORT_COMPUTE",
+    )
+    azureml_preprocess_compute: str = _setting(
+        "", "Azure ML: cluster of the preprocessing step. Empty: the fine-tune cluster (as the seed).",
+        "TUNEDROP_AZUREML_PREPROCESS_COMPUTE",
+    )
+    azureml_evaluation_compute: str = _setting(
+        "", "Azure ML: cluster of the evaluation step. Empty: the fine-tune cluster (as the seed).",
+        "TUNEDROP_AZUREML_EVALUATION_COMPUTE",
+    )
+    azureml_experiment: str = _setting(
+        "", "Azure ML: experiment of the fine-tune jobs. Empty: `chat_completion_<base model>`, as the seed names it.",
+        "TUNEDROP_AZUREML_EXPERIMENT",
+    )
+    azureml_datastore: str = _setting(
+        "tunedrop",
+        "Azure ML: datastore (identity-based) on `TUNEDROP_AZUREML_DATA_CONTAINER`, through which jobs read "
+        "the train/test split.",
+        "TUNEDROP_AZUREML_DATASTORE",
+    )
+    azureml_data_container: str = _setting(
+        "finetune-data",
+        "Azure ML: container (in the app's storage account) where each run's train/test split is written "
+        "as `<run id>/train.jsonl` and `<run id>/test.jsonl`.",
+        "TUNEDROP_AZUREML_DATA_CONTAINER",
+    )
+    azureml_instance_type: str = _setting(
+        "Standard_NC6s_v3",
+        "Azure ML: VM size of the online deployment (seed: Standard_NC6s_v3); checked against the model's "
+        "`inference_compute_allow_list`.",
+        "TUNEDROP_AZUREML_INSTANCE_TYPE",
+    )
+    azureml_instance_count: int = _setting(
+        1, "Azure ML: instances of the online deployment (seed: 1).", "TUNEDROP_AZUREML_INSTANCE_COUNT"
+    )
+    azureml_client_id: str = _setting(
+        "", "Azure ML: client id of a user-assigned managed identity for `DefaultAzureCredential`. Empty: "
+        "the system-assigned identity (or your `az login` locally).",
+        "TUNEDROP_AZUREML_CLIENT_ID",
+    )
+    azureml_key_ttl_s: float = _setting(
+        300.0, "Azure ML: seconds an endpoint key fetched with `get_keys` is cached before it is fetched again.",
+        "TUNEDROP_AZUREML_KEY_TTL_S",
+    )
+    count_tokens: bool = _setting(
+        True,
+        "Count tokens per example during validation (the target model's fast tokenizer when it is on this "
+        "machine, else an estimate of 4 characters per token) for the report, the `too_long` warning and the "
+        "training estimate. `false` for a quicker, structure-only check.",
+        "TUNEDROP_COUNT_TOKENS",
+    )
+    estimate_tokens_per_s: float = _setting(
+        0.0,
+        "Training throughput (trained tokens per second) behind the report's rough time/cost estimate. "
+        "0: a built-in figure for the backend (local 170, azureml 1500).",
+        "TUNEDROP_ESTIMATE_TOKENS_PER_S",
+    )
+    estimate_cost_per_hour: float = _setting(
+        -1.0,
+        "Price per hour of the training compute for the estimate. Negative: built-in (local 0, azureml 3.06, "
+        "a Standard_NC6s_v3 list price).",
+        "TUNEDROP_ESTIMATE_COST_PER_HOUR",
+    )
+
     @property
     def effective_base_model(self) -> str:
         if self.base_model:
@@ -169,6 +248,25 @@ class Settings:
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         return f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def workspace_scope(self) -> tuple[str, str, str]:
+        """(subscription id, resource group, workspace name), parsed from the workspace resource id."""
+        parts = self.workspace_id.strip("/").split("/")
+        try:
+            if [p.lower() for p in parts[0:5:2]] != ["subscriptions", "resourcegroups", "providers"] or \
+                    parts[5].lower() != "microsoft.machinelearningservices" or parts[6].lower() != "workspaces":
+                raise IndexError
+            return parts[1], parts[3], parts[7]
+        except IndexError:
+            raise SettingsError(
+                f"TUNEDROP_WORKSPACE_ID={self.workspace_id!r} is not an Azure ML workspace resource id: use "
+                "/subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.MachineLearningServices/workspaces/<name>."
+            ) from None
+
+    @property
+    def effective_experiment(self) -> str:
+        return self.azureml_experiment or f"chat_completion_{self.effective_base_model}"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
@@ -186,6 +284,10 @@ class Settings:
     def check(self) -> None:
         if self.backend not in ("local", "azureml"):
             raise SettingsError(f"TUNEDROP_BACKEND={self.backend!r}: use 'local' or 'azureml'.")
+        if self.backend == "azureml":
+            self.workspace_scope  # noqa: B018 - raises a SettingsError naming the fix
+            if self.azureml_instance_count < 1:
+                raise SettingsError("TUNEDROP_AZUREML_INSTANCE_COUNT must be at least 1.")
         if self.webhook_urls and not self.webhook_secret.startswith("whsec_"):
             raise SettingsError(
                 "TUNEDROP_WEBHOOK_URLS is set but TUNEDROP_WEBHOOK_SECRET is missing or lacks the "
