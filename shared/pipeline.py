@@ -11,6 +11,7 @@ earlier attempt made, and a webhook goes out only from the call that made the st
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import threading
@@ -42,6 +43,8 @@ OVERRIDE_PREFIX = "tunedrop_"
 #: dataset and before it. It is read when the dataset is ingested and never becomes a run itself.
 SIDECAR_SUFFIX = ".tunedrop.json"
 SIDECAR_MAX_BYTES = 64 * 1024
+#: Blob metadata asking to train content that an earlier run already trained with the same parameters.
+FORCE_KEY = "tunedrop_force"
 #: How long a validation claim holds before another delivery may take over (longest function run).
 CLAIM_LEASE = timedelta(minutes=10)
 #: Job statuses that mean "on its way"; Azure ML reports several before Running.
@@ -110,7 +113,7 @@ class Pipeline:
                 raise TrainingConfigError(f"TUNEDROP_TRAINING_OVERRIDES is not JSON: {exc.msg}.") from None
             config = config.with_overrides(overrides, "TUNEDROP_TRAINING_OVERRIDES")
         per_blob = {k[len(OVERRIDE_PREFIX):].lower(): v for k, v in (metadata or {}).items()
-                    if k.lower().startswith(OVERRIDE_PREFIX)}
+                    if k.lower().startswith(OVERRIDE_PREFIX) and k.lower() != FORCE_KEY}
         if sidecar:
             config = config.with_overrides(sidecar, sidecar_name)
         return config.with_overrides(per_blob, "blob metadata")
@@ -174,8 +177,10 @@ class Pipeline:
                 config, config_error = None, exc
             from shared.tokens import tokenizer_for
 
+            content = hashlib.sha256()
             report = validate_chunks(
-                blob.download_blob(etag=etag, match_condition=MatchConditions.IfNotModified).chunks(),
+                (content.update(chunk) or chunk for chunk in
+                 blob.download_blob(etag=etag, match_condition=MatchConditions.IfNotModified).chunks()),
                 source=name, format=detect_format(name), min_examples=self.settings.min_examples,
                 max_errors=self.settings.max_errors, max_line_bytes=self.settings.max_line_bytes,
                 tokenizer=tokenizer_for(self.settings),
@@ -207,6 +212,17 @@ class Pipeline:
             return self._move(run_id, runs.REJECTED, "run.rejected",
                               {"dataset": name, "report": report_dict, "summary": report.summary(), "quarantine": location},
                               report=_compact(report_dict), error=report.summary())
+        earlier = self._same_content(run_id, content.hexdigest(), config)
+        force = str((props.metadata or {}).get(FORCE_KEY, "")).lower() in ("1", "true", "yes")
+        if earlier is not None and not force:
+            message = (f"Same content and training parameters as run {earlier.run_id} ({earlier.state}): nothing new "
+                       f"to train. Set blob metadata {FORCE_KEY}=true to train it again.")
+            report_dict = {**report_dict, "accepted": False, "error_count": 1,
+                           "errors": [{"line": None, "code": "duplicate_dataset", "message": message, "field": None}]}
+            return self._move(run_id, runs.REJECTED, "run.rejected",
+                              {"dataset": name, "report": report_dict, "summary": message, "duplicate_of": earlier.run_id},
+                              report=_compact(report_dict), error=message, content_sha256=content.hexdigest())
+        claimed = self.store.update(run_id, content_sha256=content.hexdigest())
         self.outbox.publish(run_id, "run.accepted", {"dataset": name, "report": report_dict, "summary": report.summary()})
         try:
             job_name = self.backend.submit_finetune(claimed, config)
@@ -224,6 +240,14 @@ class Pipeline:
                           {"job_name": job_name, "display_name": display_name, "config": config.to_dict()},
                           job_name=job_name, display_name=display_name, config=config.to_dict(),
                           report=_compact(report_dict), error="")
+
+    def _same_content(self, run_id: str, digest: str, config: TrainingConfig) -> Run | None:
+        """An earlier run that trains (or trained) these exact bytes with these exact parameters."""
+        for other in self.store.list(content_sha256=digest):
+            if other.run_id != run_id and other.state not in (runs.REJECTED, runs.FAILED) \
+                    and other.config == config.to_dict():
+                return other
+        return None
 
     def _quarantine(self, blob, etag: str, run_id: str, report: dict[str, Any]) -> dict[str, str]:
         """Move the rejected blob to the quarantine container, its report beside it."""

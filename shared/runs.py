@@ -108,6 +108,7 @@ class Run:
     dataset_blob: str = ""
     dataset_etag: str = ""
     dataset_bytes: int = 0
+    content_sha256: str = ""
     created_at: str = ""
     updated_at: str = ""
     base_model: str = ""
@@ -223,11 +224,13 @@ class RunStore:
         except RunNotFound:
             return None
 
-    def list(self, states: tuple[str, ...] | None = None) -> list[Run]:
+    def list(self, states: tuple[str, ...] | None = None, content_sha256: str | None = None) -> list[Run]:
         self._ensure_table()
         query = f"PartitionKey eq '{PARTITION}'"
         if states:
             query += " and (" + " or ".join(f"state eq '{s}'" for s in states) + ")"
+        if content_sha256:
+            query += f" and content_sha256 eq '{content_sha256}'"  # a hex digest: nothing to escape
         runs = [Run.from_entity(e) for e in self._table.query_entities(query)]
         return sorted(runs, key=lambda r: r.created_at)
 

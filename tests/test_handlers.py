@@ -345,3 +345,28 @@ def test_retry_of_a_validation_failure_says_to_upload_again(app_env):
     store.transition(run.run_id, runs.FAILED, error="superseded")
     answer = handler("retry_run")(http("POST", "/x", {"run_id": run.run_id}))
     assert answer.status_code == 409 and "upload the dataset again" in json.loads(answer.get_body())["error"]
+
+
+def test_the_same_content_again_is_recognised_and_trained_again_only_when_asked(app_env):
+    settings = Settings.from_env()
+    ingest = handler("ingest")
+    store = get_pipeline().store
+    try:
+        ingest(upload(settings, "first.jsonl", good_dataset()))
+        ingest(upload(settings, "copy.jsonl", good_dataset()))  # another name, the same bytes
+        first, copy = sorted(store.list(), key=lambda r: r.dataset_blob != "first.jsonl")
+        assert first.state == runs.SUBMITTED and first.content_sha256
+        assert copy.state == runs.REJECTED and copy.content_sha256 == first.content_sha256
+        assert copy.report["errors"][0]["code"] == "duplicate_dataset" and first.run_id in copy.error
+        ingest(upload(settings, "again.jsonl", good_dataset(), metadata={"tunedrop_force": "true"}))
+        forced = next(r for r in store.list() if r.dataset_blob == "again.jsonl")
+        assert forced.state == runs.SUBMITTED
+        ingest(upload(settings, "other-params.jsonl", good_dataset(), metadata={"tunedrop_num_train_epochs": "1"}))
+        other = next(r for r in store.list() if r.dataset_blob == "other-params.jsonl")
+        assert other.state == runs.SUBMITTED  # same bytes, different training: a new model
+    finally:
+        from shared.backends.local import LocalBackend
+
+        LocalBackend(settings).stop_all()
+    rejected = [p for p in queued_webhooks(settings) if p["type"] == "run.rejected"]
+    assert [p["data"]["duplicate_of"] for p in rejected] == [first.run_id]
