@@ -370,3 +370,21 @@ def test_the_same_content_again_is_recognised_and_trained_again_only_when_asked(
         LocalBackend(settings).stop_all()
     rejected = [p for p in queued_webhooks(settings) if p["type"] == "run.rejected"]
     assert [p["data"]["duplicate_of"] for p in rejected] == [first.run_id]
+
+
+def test_an_overwrite_while_the_first_run_is_in_flight_is_a_new_run(app_env):
+    settings = Settings.from_env()
+    ingest = handler("ingest")
+    store = get_pipeline().store
+    try:
+        ingest(upload(settings, "data.jsonl", good_dataset(12)))
+        (first,) = store.list()
+        ingest(upload(settings, "data.jsonl", good_dataset(14)))  # new content, same name: a new ETag
+        second = next(r for r in store.list() if r.run_id != first.run_id)
+        assert second.dataset_etag != first.dataset_etag and second.state == runs.SUBMITTED
+        assert second.job_name != first.job_name
+        assert store.get(first.run_id).state == runs.SUBMITTED  # the first is unaffected
+    finally:
+        from shared.backends.local import LocalBackend
+
+        LocalBackend(settings).stop_all()
