@@ -47,5 +47,13 @@ up: setup
 bench-validation: setup
 	$(PY) bench/validation.py
 
+# Every benchmark, each against its baseline in the same run; the figures go to bench/RESULTS.md.
+BENCHES := coldstart scoring training validation
+bench: setup
+	$(PIP) install --quiet --disable-pip-version-check -r requirements-bench.txt
+	{ echo "# Benchmark results"; echo; echo "$$(date -u +%F), $$(nproc) cores, $$(uname -m), \`make bench\`"; \
+	  for name in $(BENCHES); do echo; echo "## $$name"; echo; echo '```'; $(PY) bench/$$name.py || exit 1; echo '```'; \
+	  done; } > bench/RESULTS.md.tmp && mv bench/RESULTS.md.tmp bench/RESULTS.md && cat bench/RESULTS.md
+
 clean:
 	rm -rf .tunedrop
