@@ -30,19 +30,20 @@ def conversations(turns: int = 8, count: int = 24) -> list[list[dict]]:
     return [[m for k in range(turns) for m in pairs[(i * 5 + k) % len(pairs)]] for i in range(count)]
 
 
-def ours(rows, steps: int, base_model: str, cache: Path, tmp: Path) -> dict:
+def ours(rows, steps: int, base_model: str, cache: Path, tmp: Path, bf16: bool = True) -> dict:
     """Our trainer as the local backend runs it: its own process, the dataset read from Azurite."""
     from shared.storage import Storage
     from tunedrop.azurite import Azurite
 
     azurite = Azurite.start()
     try:
-        env = {**os.environ, "TUNEDROP_STORAGE": azurite.connection_string, "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "TUNEDROP_STORAGE": azurite.connection_string, "HF_HUB_OFFLINE": "1",
+               "TUNEDROP_LOCAL_BF16": "1" if bf16 else "0"}
         storage = Storage(env)
         storage.blob_service.create_container("bench")
         data = "".join(json.dumps({"messages": m}) + "\n" for m in rows).encode()
         etag = storage.blob_service.get_blob_client("bench", "bench.jsonl").upload_blob(data)["etag"]
-        job = tmp / "job"
+        job = tmp / f"job-{'bf16' if bf16 else 'fp32'}"
         job.mkdir()
         (job / "job.json").write_text(json.dumps({
             "job_name": "bench", "run_id": "bench", "experiment_name": "bench", "base_model": base_model,
@@ -112,10 +113,12 @@ def run(steps: int = 20, base_model: str = "smollm2-135m-instruct") -> list[dict
     rows = conversations()
     with tempfile.TemporaryDirectory(prefix="tunedrop-bench-train-") as tmp:
         baseline = {"trainer": "TRL SFTTrainer (baseline)", **trl_baseline(rows, steps, base_model, cache, Path(tmp))}
+        fp32 = {"trainer": "tunedrop trainer, bf16 autocast off", **ours(rows, steps, base_model, cache, Path(tmp),
+                                                                        bf16=False)}
         mine = {"trainer": "tunedrop trainer", **ours(rows, steps, base_model, cache, Path(tmp))}
-    for row in (baseline, mine):
+    for row in (baseline, fp32, mine):
         row["speedup"] = row["tokens_per_s"] / baseline["tokens_per_s"]
-    return [baseline, mine]
+    return [baseline, fp32, mine]
 
 
 def main() -> None:
