@@ -48,7 +48,7 @@ bench-validation: setup
 	$(PY) bench/validation.py
 
 # Every benchmark, each against its baseline in the same run; the figures go to bench/RESULTS.md.
-BENCHES := coldstart scoring training validation
+BENCHES := coldstart models training scoring demo validation
 bench: setup
 	$(PIP) install --quiet --disable-pip-version-check -r requirements-bench.txt
 	{ echo "# Benchmark results"; echo; echo "$$(date -u +%F), $$(nproc) cores, $$(uname -m), \`make bench\`"; \

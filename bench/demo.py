@@ -1,0 +1,31 @@
+"""End to end: the phases `tunedrop demo` reports (validate, train, register, deploy, first answer,
+teardown) on SmolLM2-135M-Instruct, as a user sees them.
+
+    .venv/bin/python bench/demo.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="tunedrop-bench-demo-") as tmp:
+        done = subprocess.run([sys.executable, "-m", "tunedrop.cli", "demo"], cwd=ROOT, capture_output=True, text=True,
+                              env={**__import__("os").environ, "TUNEDROP_STATE_DIR": tmp})
+    lines = done.stdout.splitlines()
+    if done.returncode != 0:
+        print("\n".join(lines[-20:]))
+        sys.exit(done.returncode)
+    start = next(i for i, line in enumerate(lines) if line.startswith("Phase"))
+    print("\n".join(lines[start:start + 9]).rstrip())
+    print(next(line for line in lines if "Fine-tuned model answers" in line).split("] ", 1)[1])
+
+
+if __name__ == "__main__":
+    main()
