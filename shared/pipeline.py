@@ -26,6 +26,7 @@ from shared.backends.base import (
     JOB_COMPLETED,
     JOB_RUNNING,
     BackendError,
+    JobInfo,
     ModelRef,
     get_backend,
 )
@@ -290,16 +291,17 @@ class Pipeline:
             return None
         return self._on_job_status(run, event.run_status)
 
-    def _on_job_status(self, run: Run, status: str) -> Run | None:
+    def _on_job_status(self, run: Run, status: str, job: JobInfo | None = None) -> Run | None:
+        """Move ``run`` for its job's ``status``; ``job`` when the caller already read it (no second read)."""
         if status in ACTIVE_JOB_STATUSES:
             return self._move(run.run_id, runs.RUNNING, "run.running", {"job_name": run.job_name})
         if status == JOB_COMPLETED:
-            job = self.backend.get_job(run.job_name)
+            job = job or self.backend.get_job(run.job_name)
             moved = self._move(run.run_id, runs.SUCCEEDED, "run.succeeded",
                                {"job_name": run.job_name, "metrics": job.metrics}, metrics=job.metrics)
             return self.advance(moved or self.store.get(run.run_id))
         if status in ("Failed", "Canceled", "NotFound"):
-            job = self.backend.get_job(run.job_name)
+            job = job or self.backend.get_job(run.job_name)
             reason = job.error or f"Job {run.job_name} ended {status}."
             return self._move(run.run_id, runs.FAILED, "run.failed",
                               {"error": reason, "code": f"job_{status.lower()}", "failed_in": run.state}, error=reason)
@@ -434,7 +436,7 @@ class Pipeline:
     def _sweep_job(self, run: Run, now: datetime, result: SweepResult) -> None:
         job = self.backend.get_job(run.job_name)
         if job.is_terminal:
-            moved = self._on_job_status(run, job.status)
+            moved = self._on_job_status(run, job.status, job)
             if moved is not None and moved.state == runs.FAILED:
                 result.failed.append(run.run_id)
             else:
