@@ -6,6 +6,7 @@ teardown) on SmolLM2-135M-Instruct, as a user sees them.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tunedrop-bench-demo-") as tmp:
         done = subprocess.run([sys.executable, "-m", "tunedrop.cli", "demo"], cwd=ROOT, capture_output=True, text=True,
-                              env={**__import__("os").environ, "TUNEDROP_STATE_DIR": tmp})
+                              env={**os.environ, "TUNEDROP_STATE_DIR": tmp})
     lines = done.stdout.splitlines()
     if done.returncode != 0:
         print("\n".join(lines[-20:]))

@@ -1,5 +1,8 @@
 """Webhook signing (verified by the standardwebhooks package), the outbox queue, delivery."""
 
+import time
+from datetime import datetime, timezone
+
 import pytest
 
 from shared.settings import Settings
@@ -27,14 +30,12 @@ def test_signature_verifies_with_the_reference_implementation():
     headers = {"webhook-id": "msg_1", "webhook-timestamp": "1700000000",
                "webhook-signature": sign(secret, "msg_1", 1700000000, body)}
     reference = Webhook(secret)
-    assert reference.sign("msg_1", __import__("datetime").datetime.fromtimestamp(1700000000,
-                          tz=__import__("datetime").timezone.utc), body.decode()) == headers["webhook-signature"]
+    sent_at = datetime.fromtimestamp(1700000000, tz=timezone.utc)
+    assert reference.sign("msg_1", sent_at, body.decode()) == headers["webhook-signature"]
 
 
 def test_tampered_body_fails_verification():
     secret = new_secret()
-    import time
-
     ts = int(time.time())
     signature = sign(secret, "msg_1", ts, b'{"a":1}')
     with pytest.raises(WebhookVerificationError):

@@ -3,6 +3,7 @@ says so. The retry must find what was made (by its deterministic name or tag) an
 leaving exactly one job, one model version, one endpoint."""
 
 import pickle
+import time
 from datetime import timedelta
 
 import mlflow
@@ -55,7 +56,7 @@ def test_a_crash_after_every_external_call_still_ends_with_one_of_each(app_env, 
     for _ in range(300):
         if pipeline.sweep().ready:
             break
-        __import__("time").sleep(0.2)
+        time.sleep(0.2)
     assert store.get(run.run_id).state == runs.DEPLOYED
     later = (utcnow() + timedelta(minutes=settings.idle_minutes + 1)).isoformat()
     sweep_code = f"from datetime import datetime\nget_pipeline().sweep(now=datetime.fromisoformat({later!r}))\n"
