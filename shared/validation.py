@@ -24,7 +24,9 @@ import os
 import random
 from array import array
 from dataclasses import dataclass, field as _dc_field
-from typing import Any, Iterable, Iterator
+from itertools import islice, repeat
+from operator import eq
+from typing import Any, Iterable, Iterator, Literal
 
 __all__ = [
     "CODES",
@@ -224,10 +226,33 @@ def _reject_constant(name):
 
 _decode = json.JSONDecoder(object_pairs_hook=_strict_pairs, parse_constant=_reject_constant).decode
 
-try:  # the fast path: orjson is strict RFC 8259 (no NaN, no lone surrogates, UTF-8 checked)
-    from orjson import dumps as _fast_dumps, loads as _fast_loads
-except ImportError:  # pragma: no cover - orjson is in requirements.txt; the stdlib path is complete
-    _fast_dumps = _fast_loads = None
+import msgspec
+from msgspec import UNSET, UnsetType
+
+# msgspec is strict RFC 8259: it refuses NaN/Infinity, lone surrogate escapes, invalid UTF-8,
+# control characters in strings, leading zeros and trailing data; what it lets through that we
+# refuse (a key written twice) is checked after it. It keeps the last of duplicated keys silently.
+_loads = msgspec.json.Decoder().decode
+_dumps = msgspec.json.Encoder().encode
+
+
+class _TypedMessage(msgspec.Struct, forbid_unknown_fields=True):
+    role: Literal["system", "user", "assistant"]
+    content: str
+    weight: float | UnsetType = UNSET
+
+
+class _TypedRow(msgspec.Struct, forbid_unknown_fields=True):
+    """The two documented row shapes exactly. A row that decodes into this is checked with no
+    dicts built and no depth scan (the schema bounds the depth); anything else takes the general
+    path, which says what is wrong."""
+
+    messages: list[_TypedMessage]
+    prompt: str | UnsetType = UNSET
+    prompt_id: str | UnsetType = UNSET
+
+
+_typed_loads = msgspec.json.Decoder(_TypedRow).decode
 
 _FAILED = object()
 _KEYS_AND_STRINGS = bytes(b for b in range(256) if b not in b'":')
@@ -255,10 +280,10 @@ def _shape(obj) -> tuple[int, int]:
 
 
 def _has_duplicate_key(raw, obj) -> bool:
-    """True if the JSON text writes a key twice in one object (orjson keeps the last silently).
+    """True if the JSON text writes a key twice in one object (the parser keeps the last silently).
 
     Outside strings a colon follows each key and nothing else, so the text's colons are its keys
-    plus the colons inside its strings. orjson's compact re-serialisation of the parsed value has
+    plus the colons inside its strings. The compact re-serialisation of the parsed value has
     the parsed keys plus the same in-string colons, unless a colon was written as an escape
     (``\\u003a``): when the text may hold one, the colons outside strings are counted on the text
     itself (escaped backslashes, then escaped quotes, dropped first, as in :func:`_too_deep`).
@@ -268,8 +293,8 @@ def _has_duplicate_key(raw, obj) -> bool:
         return False
     if b"u003" not in raw:
         try:
-            return colons != _fast_dumps(obj).count(b":")
-        except Exception:  # pragma: no cover - e.g. deeper than orjson.dumps goes
+            return colons != _dumps(obj).count(b":")
+        except Exception:  # pragma: no cover - e.g. deeper than the encoder goes
             pass
     keys, _ = _shape(obj)
     kept = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _KEYS_AND_STRINGS)
@@ -632,6 +657,7 @@ class _Validator:
         return head
 
     def _split(self, chunk) -> None:
+        chunk = bytes(chunk)  # read in place below, so it must not change under us
         find = chunk.find
         pos = 0
         limit = self.max_line + 1  # +1: a trailing \r is not counted against the limit
@@ -650,14 +676,13 @@ class _Validator:
                     self.pend = bytearray()
                     self._too_long(total, True)
                 else:
-                    raw = self.pend
-                    raw += chunk[pos:nl]
-                    self.pend = bytearray()
-                    self._line(raw, True)
+                    self.pend += chunk[pos:nl]
+                    raw, self.pend = bytes(self.pend), bytearray()
+                    self._line(raw, 0, len(raw), True)
             elif seg > limit:
                 self._too_long(seg, True)
             else:
-                self._line(chunk[pos:nl], True)
+                self._line(chunk, pos, nl, True)  # no copy: the line is read in place
             if self.fatal:
                 return
             pos = nl + 1
@@ -683,8 +708,8 @@ class _Validator:
             total, self.skip_len = self.skip_len, 0
             self._too_long(total, False)
         elif self.pend:
-            raw, self.pend = self.pend, bytearray()
-            self._line(raw, False)
+            raw, self.pend = bytes(self.pend), bytearray()
+            self._line(raw, 0, len(raw), False)
 
     # -- one line ----------------------------------------------------------------------------
 
@@ -726,12 +751,21 @@ class _Validator:
             ln,
         )
 
-    def _line(self, raw, newline: bool) -> None:
+    def _line(self, buf: bytes, start: int, end: int, newline: bool) -> None:
+        """The line ``buf[start:end]`` (without its newline)."""
         self.lineno += 1
         ln = self.lineno
-        self.done_bytes += len(raw) + newline
-        if raw[-1:] == b"\r":
-            raw = raw[:-1]
+        self.done_bytes += end - start + newline
+        if end > start and buf[end - 1] == 13:  # \r
+            end -= 1
+        if end - start <= self.max_line:
+            try:
+                row = _typed_loads(memoryview(buf)[start:end])
+            except Exception:  # not the documented shape, or not valid: the general path says which
+                row = None
+            if row is not None and self._typed_row(row, buf, start, end, ln):
+                return
+        raw = buf[start:end]
         if not raw or raw.isspace():
             self.blank_lines += 1
             if self.blank_run is None:
@@ -748,19 +782,18 @@ class _Validator:
             self.stop("binary_file", "file is UTF-16/binary (NUL bytes on this line): save it as UTF-8 JSONL "
                       "(one JSON object per line)", ln)
             return
-        if _fast_loads is not None:
-            try:
-                obj = _fast_loads(raw)  # refuses depth > 1024 itself, before any recursion limit
-            except Exception:  # not valid strict JSON: the stdlib path below says exactly what is wrong
-                obj = _FAILED
-            if obj is not _FAILED:
-                if raw.count(b"[") + raw.count(b"{") > self.max_depth and _shape(obj)[1] > self.max_depth:
-                    self._nesting_too_deep(ln)
-                    return
-                if not _has_duplicate_key(raw, obj):
-                    # orjson refuses lone surrogates, so no content needs the surrogate check
-                    self._row(obj, ln, False)
-                    return
+        try:
+            obj = _loads(raw)
+        except Exception:  # not valid strict JSON (or too deep): the stdlib path below says exactly what is wrong
+            obj = _FAILED
+        if obj is not _FAILED:
+            if raw.count(b"[") + raw.count(b"{") > self.max_depth and _shape(obj)[1] > self.max_depth:
+                self._nesting_too_deep(ln)
+                return
+            if not _has_duplicate_key(raw, obj):
+                # the parser refuses lone surrogates, so no content needs the surrogate check
+                self._row(obj, ln, False)
+                return
         if raw.count(b"[") + raw.count(b"{") > self.max_depth and _too_deep(raw, self.max_depth):
             self._nesting_too_deep(ln)
             return
@@ -854,7 +887,7 @@ class _Validator:
             return
 
         roles: list[str] = []
-        flat: list[str] = []  # role, content, role, content... for the duplicate hash
+        contents: list[str] = []
         chars = 0
         allowed = self.role_counts
         for i, m in enumerate(msgs):
@@ -865,8 +898,7 @@ class _Validator:
                 if (type(role) is str and role in allowed and type(content) is str and content
                         and not content.isspace() and not (escapes and not content.isascii())):
                     roles.append(role)
-                    flat.append(role)
-                    flat.append(content)
+                    contents.append(content)
                     chars += len(content)
                     continue
             errs, role, content = self._message(m, i, ln, escapes)
@@ -874,8 +906,7 @@ class _Validator:
                 bad += errs
             else:
                 chars += len(content)
-                flat.append(role)
-                flat.append(content)
+                contents.append(content)
             if role is not None:
                 roles.append(role)
         if bad:
@@ -927,20 +958,66 @@ class _Validator:
             self.invalid += 1
             return
 
-        # A valid example.
+        self._accept(ln, roles, contents, chars)
+
+    def _typed_row(self, row: _TypedRow, buf: bytes, start: int, end: int, ln: int) -> bool:
+        """Accept a row of the documented shape that breaks no rule, as :meth:`_row` would; return
+        False, having changed nothing, when anything is off (the general path then reports it).
+
+        Each check runs over the whole conversation at C speed (map, count, any): this path is
+        most of the validator's time on a large dataset."""
+        msgs = row.messages
+        n = len(msgs)
+        if not n:
+            return False
+        roles = [m.role for m in msgs]
+        contents = [m.content for m in msgs]
+        if (roles[-1] != "assistant" or not all(contents) or any(map(str.isspace, contents))
+                or any(map(eq, roles, islice(roles, 1, None)))
+                or roles.count("system") > (roles[0] == "system")):
+            return False
+        strings = 1 + 4 * n  # the key "messages", and in each message two keys and two strings
+        weights = [m.weight for m in msgs]
+        weighted = n - weights.count(UNSET)
+        if weighted:
+            if any(w is not UNSET and w != 0 and w != 1 for w in weights):
+                return False
+            if all(w == 0 for r, w in zip(roles, weights) if r == "assistant"):
+                return False
+            strings += weighted
+        ends_in_backslash = sum(map(str.endswith, contents, repeat("\\", n)))
+        for extra in (row.prompt, row.prompt_id):
+            if extra is not UNSET:
+                strings += 2
+                ends_in_backslash += extra.endswith("\\")
+        # A key written twice is one more string in the text than in the decoded row. The text's
+        # quote marks are two per string plus one per escaped quote (\"); the \" pairs are those
+        # escaped quotes plus, for each string ending in an escaped backslash (\\"), its closing
+        # quote. So the text has exactly `strings` strings iff the equation holds (a backslash or
+        # quote escaped as \u005c or \u0022 can only break it, never hide a doubled key).
+        quotes = buf.count(b'"', start, end) - buf.count(b'\\"', start, end) + ends_in_backslash
+        if quotes != 2 * strings:
+            return False
+        if self.blank_run is not None:
+            self._flush_blank_run()
+        self._accept(ln, roles, contents, sum(map(len, contents)))
+        return True
+
+    def _accept(self, ln: int, roles: list[str], contents: list[str], chars: int) -> None:
+        """Count a valid example: its stats, tokens and duplicate check."""
         self.examples += 1
         if roles[-1] != "assistant":
             self.warning("last_message_not_assistant",
                          f"conversation ends with a {roles[-1]} message, which teaches nothing: "
                          "end with the assistant's reply or drop the trailing turns",
-                         ln, f"messages[{n - 1}].role")
+                         ln, f"messages[{len(roles) - 1}].role")
         if self.collect:
-            self.out.append([m if len(m) == 2 else {"role": m["role"], "content": m["content"]} for m in msgs])
+            self.out.append([{"role": r, "content": c} for r, c in zip(roles, contents)])
         if not self.track:
             return
         rc = self.role_counts
-        for r in roles:
-            rc[r] += 1
+        for r in ROLES:
+            rc[r] += roles.count(r)
         # chars per example: min/max exact, median exact up to _RESERVOIR examples, sampled beyond
         if self.chars_min is None or chars < self.chars_min:
             self.chars_min = chars
@@ -954,12 +1031,11 @@ class _Validator:
             if k < _RESERVOIR:
                 self.chars[k] = min(chars, 0xFFFFFFFF)
         if self.tokenizer is not None:
-            contents = flat[1::2]
             self.tok_pending.append((ln, contents))
             self.tok_pending_texts += len(contents)
             if self.tok_pending_texts >= _TOKEN_BATCH:
                 self._count_tokens()
-        h = hash(tuple(flat)) & 0xFFFFFFFFFFFFFFFF or 1
+        h = hash((tuple(roles), tuple(contents))) & 0xFFFFFFFFFFFFFFFF or 1
         first = self.seen.add(h, ln)
         if first:
             self.duplicates += 1

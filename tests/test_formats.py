@@ -1,4 +1,4 @@
-"""Dataset formats (.jsonl.gz, Parquet), token counting, the orjson fast path, the fault catalogue."""
+"""Dataset formats (.jsonl.gz, Parquet), token counting, the fast paths' strictness, the fault catalogue."""
 
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def test_estimate_line():
     assert estimate(report.stats, config, "local") is None
 
 
-# -- the orjson fast path keeps strict RFC 8259 -------------------------------------------------
+# -- the fast paths keep strict RFC 8259 --------------------------------------------------------
 
 keys = st.sampled_from(["a", "b", "a:", ":", 'q"', "\\", "k\\\\"])
 leaf = st.none() | st.integers() | st.text(alphabet='ab:"\\ \u00e9', max_size=6)
@@ -223,7 +223,7 @@ objects = st.recursive(leaf, lambda children: st.lists(children, max_size=3)
 @SETTINGS
 @given(objects, st.integers(0, 5))
 def test_duplicate_keys_found_exactly_as_the_stdlib_finds_them(value, style):
-    from shared.validation import _has_duplicate_key, _fast_loads
+    from shared.validation import _has_duplicate_key, _loads
 
     text = _render(value, style).encode()
     seen_dup = False
@@ -234,7 +234,65 @@ def test_duplicate_keys_found_exactly_as_the_stdlib_finds_them(value, style):
         return dict(pairs)
 
     json.loads(text, object_pairs_hook=hook)
-    assert _has_duplicate_key(text, _fast_loads(text)) == seen_dup
+    assert _has_duplicate_key(text, _loads(text)) == seen_dup
+
+
+# Texts that stress the typed path's string count: quotes, backslashes (also last), colons, non-ASCII.
+texts = st.text(alphabet='ab:"\\ \u00e9\U0001f600', min_size=1, max_size=6).filter(lambda t: not t.isspace())
+
+
+def _string(text: str, rng: int) -> str:
+    """A JSON string for text, spelled one of several valid ways."""
+    out = json.dumps(text, ensure_ascii=rng % 2 == 0)
+    if rng % 3 == 1:
+        out = out[0] + out[1:-1].replace('\\"', "\\u0022") + out[-1]
+    if rng % 5 == 2:
+        out = out[0] + out[1:-1].replace("\\\\", "\\u005c") + out[-1]
+    return out
+
+
+def _key(name: str, rng: int) -> str:
+    return '"' + name.replace("o", "\\u006f") + '"' if rng % 7 == 3 else f'"{name}"'
+
+
+@SETTINGS
+@given(st.lists(texts, min_size=2, max_size=6), st.booleans(), st.booleans(),
+       st.none() | st.tuples(st.integers(0, 20), st.sampled_from(["role", "content", "weight", "messages", "prompt"])),
+       st.integers(0, 1000))
+def test_the_typed_path_finds_every_doubled_key(contents, system, prompt, dup, rng):
+    """Rows of the documented shape are accepted on the typed path; one with a key written twice
+    never is, however its strings are spelled (escapes that change the text's quote count)."""
+    sep = [":", " : ", ":\t"][rng % 3]
+    msgs = []
+    roles = (["system"] if system else []) + ["user", "assistant"] * len(contents)
+    for i, (role, text) in enumerate(zip(roles, contents + contents)):
+        pairs = [(_key("role", rng + i), _string(role, 0)), (_key("content", rng + i), _string(text, rng + i))]
+        if dup and dup[1] in ("role", "content", "weight") and dup[0] % len(contents) == i:
+            again = {"role": _string(role, 0), "content": _string(text, rng), "weight": "1"}[dup[1]]
+            pairs.insert(rng % 3, (_key(dup[1], rng), again))
+        msgs.append("{" + ",".join(k + sep + v for k, v in pairs) + "}")
+    top = [(_key("messages", rng), "[" + ",".join(msgs) + "]")]
+    if prompt:
+        top.insert(0, (_key("prompt", rng), _string(contents[0], rng + 1)))
+    if dup and dup[1] == "messages":
+        top.insert(0, (_key("messages", rng), "[]"))
+    if dup and dup[1] == "prompt":
+        top.append((_key("prompt", rng), _string(contents[-1], rng)))
+    text = ("{" + ",".join(k + sep + v for k, v in top) + "}").encode()
+
+    seen_dup = False
+
+    def hook(pairs):
+        nonlocal seen_dup
+        seen_dup |= len({k for k, _ in pairs}) != len(pairs)
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=hook)
+    report = validate_chunks([text + b"\n"], min_examples=1)
+    found = "duplicate_key" in [e.code for e in report.errors]
+    assert found == seen_dup, (text, report.summary())
+    if not seen_dup:
+        assert report.accepted, (text, report.summary())
 
 
 def test_fault_catalogue_is_in_step_with_the_code():
