@@ -48,6 +48,8 @@ SIDECAR_MAX_BYTES = 64 * 1024
 FORCE_KEY = "tunedrop_force"
 #: How long a validation claim holds before another delivery may take over (longest function run).
 CLAIM_LEASE = timedelta(minutes=10)
+#: How long a pair's train half waits for its test half before its run fails.
+PAIR_WAIT = timedelta(hours=1)
 #: Job statuses that mean "on its way"; Azure ML reports several before Running.
 ACTIVE_JOB_STATUSES = ("NotStarted", "Queued", "Preparing", "Provisioning", "Starting", "Running", "Finalizing")
 REPORT_ISSUES_KEPT = 20
@@ -145,11 +147,15 @@ class Pipeline:
     # ---- ingest -------------------------------------------------------------------------------
 
     def ingest(self, blob, now: datetime | None = None) -> Run | None:
-        """One dataset blob version: claim its run, validate it streaming, then reject or submit."""
+        """One dataset blob version: claim its run, validate it streaming, then reject or submit.
+
+        A train/test pair (:mod:`shared.datasets`) is one run, carried by its train half: the test
+        half arriving passes the train half on; a train half alone waits (see PAIR_WAIT)."""
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
-        from shared.validation import Issue, detect_format, validate_chunks
+        from shared.datasets import pair_half
+        from shared.validation import Issue, detect_format, validate_chunks, validate_pair
 
         try:
             props = blob.get_blob_properties()
@@ -160,11 +166,23 @@ class Pipeline:
         if name.endswith(SIDECAR_SUFFIX):
             log.info("blob %s is a sidecar of training parameters, read when its dataset is ingested", name)
             return None
+        half = pair_half(name)
+        test, test_props = self._partner(container, half) if half else (None, None)
+        if half and half.half == "test":
+            if test is None:
+                log.info("blob %s is a test half; its run starts when %s arrives", name, half.partner_hint)
+                return None
+            return self.ingest(test, now=now)  # `test` is the train half here: it carries the run
         run_id = runs.run_id_for(container, name, etag)
         run, created = self.store.create(Run(
             run_id, dataset_container=container, dataset_blob=name, dataset_etag=etag,
             dataset_bytes=props.size, base_model=self.settings.effective_base_model,
+            test_blob=test.blob_name if test else "", test_etag=test_props.etag if test else "",
         ))
+        if half and test is None:
+            return self._wait_for_test(run, half.partner_hint, now)
+        if test and run.state == runs.RECEIVED and run.test_etag != test_props.etag:
+            run = self.store.update(run_id, test_blob=test.blob_name, test_etag=test_props.etag, error="")
         claimed = self.store.claim(run, CLAIM_LEASE, now=now)
         if claimed is None:
             log.info("run %s: already %s, duplicate delivery ignored", run_id, run.state)
@@ -179,18 +197,28 @@ class Pipeline:
             from shared.tokens import tokenizer_for
 
             content = hashlib.sha256()
-            report = validate_chunks(
-                (content.update(chunk) or chunk for chunk in
-                 blob.download_blob(etag=etag, match_condition=MatchConditions.IfNotModified).chunks()),
-                source=name, format=detect_format(name), min_examples=self.settings.min_examples,
-                max_errors=self.settings.max_errors, max_line_bytes=self.settings.max_line_bytes,
-                tokenizer=tokenizer_for(self.settings),
-                max_seq_length=(config or TrainingConfig()).max_seq_length,
-            )
+
+            def chunks(client, version):
+                stream = client.download_blob(etag=version, match_condition=MatchConditions.IfNotModified)
+                return (content.update(chunk) or chunk for chunk in stream.chunks())
+
+            options = dict(min_examples=self.settings.min_examples, max_errors=self.settings.max_errors,
+                           max_line_bytes=self.settings.max_line_bytes, tokenizer=tokenizer_for(self.settings),
+                           max_seq_length=(config or TrainingConfig()).max_seq_length)
+            if claimed.test_blob:
+                test = test or self.storage.blob_service.get_blob_client(container, claimed.test_blob)
+                report = validate_pair(chunks(blob, etag), chunks(test, claimed.test_etag), train_source=name,
+                                       test_source=claimed.test_blob, train_format=detect_format(name),
+                                       test_format=detect_format(claimed.test_blob), **options)
+            else:
+                report = validate_chunks(chunks(blob, etag), source=name, format=detect_format(name), **options)
         except ResourceModifiedError:
             # Overwritten while we read it: the new version has its own run; this one ends here.
             return self._fail(claimed, "The blob was overwritten during validation; its new version is a new run.",
                               "superseded")
+        except ResourceNotFoundError:
+            return self._fail(claimed, "The dataset (or its test half) was deleted during validation; upload it "
+                              "again.", "superseded")
         except Exception as exc:
             self.store.release(claimed, f"{type(exc).__name__}: {exc}")
             raise
@@ -210,6 +238,9 @@ class Pipeline:
         report_dict = report.to_dict()
         if not report.accepted:
             location = self._quarantine(blob, etag, run_id, report_dict)
+            if claimed.test_blob:
+                test = self.storage.blob_service.get_blob_client(container, claimed.test_blob)
+                location["test_blob"] = self._quarantine(test, claimed.test_etag, run_id, None)["blob"]
             return self._move(run_id, runs.REJECTED, "run.rejected",
                               {"dataset": name, "report": report_dict, "summary": report.summary(), "quarantine": location},
                               report=_compact(report_dict), error=report.summary())
@@ -242,6 +273,34 @@ class Pipeline:
                           job_name=job_name, display_name=display_name, config=config.to_dict(),
                           report=_compact(report_dict), error="")
 
+    def _partner(self, container: str, half) -> tuple[Any, Any]:
+        """(client, properties) of the other half of a train/test pair, or (None, None) while it is missing."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        for name in half.partner_names():
+            client = self.storage.blob_service.get_blob_client(container, name)
+            try:
+                return client, client.get_blob_properties()
+            except ResourceNotFoundError:
+                continue
+        return None, None
+
+    def _wait_for_test(self, run: Run, partner: str, now: datetime | None) -> Run:
+        """A train half whose test half has not arrived: the run waits in `received` (the test half's
+        arrival, or the sweeper, picks it up) and fails once PAIR_WAIT has passed without it."""
+        if run.state != runs.RECEIVED:
+            return run
+        waited = (now or utcnow()) - datetime.fromisoformat(run.created_at)
+        if waited > PAIR_WAIT:
+            return self._fail(run, f"Its test half {partner} did not arrive within {PAIR_WAIT.total_seconds() / 3600:g} "
+                              f"h: upload it, then upload {run.dataset_blob} again (or upload the dataset as one "
+                              "file, without .train, to have it split).", "missing_test_file") or self.store.get(run.run_id)
+        message = f"Waiting for its test half {partner} (a train/test pair is used as given)."
+        if run.error != message:
+            run = self.store.update(run.run_id, error=message)
+            log.info("run %s: %s", run.run_id, message)
+        return run
+
     def _same_content(self, run_id: str, digest: str, config: TrainingConfig) -> Run | None:
         """An earlier run that trains (or trained) these exact bytes with these exact parameters."""
         for other in self.store.list(content_sha256=digest):
@@ -250,7 +309,7 @@ class Pipeline:
                 return other
         return None
 
-    def _quarantine(self, blob, etag: str, run_id: str, report: dict[str, Any]) -> dict[str, str]:
+    def _quarantine(self, blob, etag: str, run_id: str, report: dict[str, Any] | None) -> dict[str, str]:
         """Move the rejected blob to the quarantine container, its report beside it."""
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
@@ -264,7 +323,8 @@ class Pipeline:
         source = blob.download_blob(etag=etag, match_condition=MatchConditions.IfNotModified)
         container.upload_blob(base, source.chunks(), overwrite=True,
                               metadata={"run_id": run_id, "source": f"{blob.container_name}/{blob.blob_name}"})
-        container.upload_blob(f"{base}.report.json", json.dumps(report, indent=2).encode(), overwrite=True)
+        if report is not None:  # None for a pair's test half: the report is beside its train half
+            container.upload_blob(f"{base}.report.json", json.dumps(report, indent=2).encode(), overwrite=True)
         try:
             blob.delete_blob(etag=etag, match_condition=MatchConditions.IfNotModified)
         except (ResourceModifiedError, ResourceNotFoundError):

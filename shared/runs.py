@@ -108,6 +108,8 @@ class Run:
     dataset_blob: str = ""
     dataset_etag: str = ""
     dataset_bytes: int = 0
+    test_blob: str = ""  # a train/test pair's test half (same container), used as given; "" = split the dataset
+    test_etag: str = ""
     content_sha256: str = ""
     created_at: str = ""
     updated_at: str = ""

@@ -19,6 +19,7 @@ any error. :data:`CODES` lists every code with its meaning.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -38,6 +39,7 @@ __all__ = [
     "Report",
     "iter_conversations",
     "validate_chunks",
+    "validate_pair",
     "validate_path",
 ]
 
@@ -100,6 +102,8 @@ WARNING_CODES: dict[str, str] = {
     "last_message_not_assistant": "A conversation does not end with an assistant message; "
     "the trailing turns teach nothing.",
     "duplicate_conversation": "The same conversation (roles and contents) appeared on an earlier line.",
+    "test_in_train": "A conversation of a train/test pair's test file is also in its train file: the test "
+    "loss would flatter the model on what it was trained on.",
     "too_long": "Examples longer than max_seq_length tokens of the target model: they will be truncated "
     "(one warning, with the count and the first line).",
 }
@@ -117,12 +121,16 @@ class Issue:
     message: str
     line: int | None = None
     field: str | None = None
+    file: str | None = None  # set where a dataset is two files (a train/test pair)
 
     def to_dict(self) -> dict:
-        return {"line": self.line, "code": self.code, "message": self.message, "field": self.field}
+        out = {"line": self.line, "code": self.code, "message": self.message, "field": self.field}
+        if self.file is not None:
+            out["file"] = self.file
+        return out
 
     def __str__(self) -> str:
-        where = []
+        where = [self.file] if self.file else []
         if self.line is not None:
             where.append(f"line {self.line}")
         if self.field:
@@ -168,6 +176,10 @@ class Report:
         if s.get("invalid_examples"):
             head += f", {s['invalid_examples']:,} invalid"
         out = [head + "."]
+        test = s.get("test")
+        if test:
+            out.append(f"  test file {test['file']}: {_plural(test.get('examples', 0), 'valid example')}"
+                       + (f", {test['in_train']:,} also in the train file" if test.get("in_train") else ""))
         tok = s.get("tokens")
         if tok and tok.get("examples"):
             line = (f"  tokens per example: min {tok['min']:,} / median {tok['median']:,} / p95 {tok['p95']:,} / "
@@ -472,6 +484,18 @@ class _HashTable:
         self.cap = cap
         self.full = False
 
+    def get(self, h: int) -> int:
+        """The line h was first seen on, or 0."""
+        keys, mask = self.keys, self.mask
+        i = h & mask
+        while True:
+            k = keys[i]
+            if k == 0:
+                return 0
+            if k == h:
+                return self.lines[i]
+            i = (i + 1) & mask
+
     def add(self, h: int, line: int) -> int:
         """Insert h; return 0 if new, else the line it was first seen on."""
         keys, mask = self.keys, self.mask
@@ -544,8 +568,10 @@ class _Validator:
         track: bool = True,
         tokenizer=None,
         max_seq_length: int | None = None,
+        train: "_Validator | None" = None,
     ) -> None:
         self.min_examples = min_examples
+        self.train = train  # validating a pair's test file: its train file's validator
         self.tokenizer = tokenizer if track else None
         self.max_seq_length = max_seq_length
         self.tok_pending: list[tuple[int, list[str]]] = []  # (line, contents) not yet counted
@@ -582,6 +608,7 @@ class _Validator:
         self.invalid = 0
         self.role_counts = {"system": 0, "user": 0, "assistant": 0}
         self.duplicates = 0
+        self.in_train = 0
         self.unknown_keys: dict[str, int] = {}
         self.unknown_keys_other = 0
         self.chars = array("I")
@@ -1041,6 +1068,12 @@ class _Validator:
             self.duplicates += 1
             self.warning("duplicate_conversation",
                          f"same conversation as line {first}: remove one copy", ln, "messages")
+        if self.train is not None and self.train.seen is not None:
+            first = self.train.seen.get(h)
+            if first:
+                self.in_train += 1
+                self.warning("test_in_train", f"same conversation as line {first} of the train file: the test "
+                             "loss would reward memorising it; remove it from one of the two files", ln, "messages")
 
     def _message(self, m, i: int, ln: int, escapes: bool) -> tuple[int, str | None, str | None]:
         """Check one message in full; return (errors found, its valid role or None, its content)."""
@@ -1222,6 +1255,7 @@ class _Validator:
                 "median_exact": self.chars_seen <= _RESERVOIR,
             },
             "duplicates": self.duplicates,
+            **({"in_train": self.in_train} if self.train is not None else {}),
             "duplicate_check_complete": not (self.seen is not None and self.seen.full),
             "unknown_message_keys": dict(self.unknown_keys, **(
                 {"(other)": self.unknown_keys_other} if self.unknown_keys_other else {})),
@@ -1316,12 +1350,53 @@ def validate_chunks(
     gzip or Parquet). With a ``tokenizer`` (see :mod:`shared.tokens`), tokens per example are
     counted in batches and examples over ``max_seq_length`` draw one ``too_long`` warning.
     """
-    v = _Validator(min_examples=min_examples, max_errors=max_errors, max_warnings=max_warnings,
-                   max_line_bytes=max_line_bytes, max_depth=max_depth, tokenizer=tokenizer,
-                   max_seq_length=max_seq_length)
+    return _validate(chunks, source, format, dict(
+        min_examples=min_examples, max_errors=max_errors, max_warnings=max_warnings, max_line_bytes=max_line_bytes,
+        max_depth=max_depth, tokenizer=tokenizer, max_seq_length=max_seq_length))[1]
+
+
+def _validate(chunks, source: str, format: str, options: dict, train: "_Validator | None" = None):
+    v = _Validator(train=train, **options)
     for _ in _drive(v, chunks, format):
         pass
-    return v.report(source)
+    return v, v.report(source)
+
+
+def validate_pair(train: Iterable[bytes], test: Iterable[bytes], *, train_source: str = "train",
+                  test_source: str = "test", train_format: str = "jsonl", test_format: str = "jsonl",
+                  min_examples: int = 10, **options) -> Report:
+    """Validate a train/test pair (used as given): the train file as :func:`validate_chunks` does,
+    the test file needing one example, and each test conversation looked up among the train
+    file's (``test_in_train``). One report: its issues name their file, its stats are the train
+    file's with the test file's under ``stats["test"]``."""
+    options = {"max_errors": 50, **options}
+    train_v, train_report = _validate(train, train_source, train_format, {**options, "min_examples": min_examples})
+    _, test_report = _validate(test, test_source, test_format, {**options, "min_examples": 1}, train=train_v)
+    cap = max(0, options["max_errors"])
+    cap_warnings = cap if options.get("max_warnings") is None else max(0, options["max_warnings"])
+
+    def named(issues, file):
+        return [dataclasses.replace(i, file=file) for i in issues]
+
+    by_code = {}
+    for kind in ("errors_by_code", "warnings_by_code"):
+        merged = dict(train_report.stats.get(kind) or {})
+        for code, n in (test_report.stats.get(kind) or {}).items():
+            merged[code] = merged.get(code, 0) + n
+        by_code[kind] = merged
+    test_stats = {k: test_report.stats[k] for k in ("bytes", "lines", "examples", "invalid_examples", "messages",
+                                                    "duplicates", "in_train") if k in test_report.stats}
+    if "tokens" in test_report.stats:
+        test_stats["tokens"] = test_report.stats["tokens"]
+    return Report(
+        accepted=train_report.accepted and test_report.accepted,
+        errors=(named(train_report.errors, train_source) + named(test_report.errors, test_source))[:cap],
+        warnings=(named(train_report.warnings, train_source) + named(test_report.warnings, test_source))[:cap_warnings],
+        stats={**train_report.stats, **by_code, "test": {"file": test_source, **test_stats}},
+        error_count=train_report.error_count + test_report.error_count,
+        warning_count=train_report.warning_count + test_report.warning_count,
+        source=f"{train_source} + {test_source}",
+    )
 
 
 #: Dataset formats: chat JSONL, gzip-compressed chat JSONL, Parquet with a ``messages`` column.

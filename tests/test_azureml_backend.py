@@ -493,3 +493,21 @@ def test_the_handlers_get_the_azureml_backend_from_the_settings_without_touching
 
     with pytest.raises(SettingsError, match="TUNEDROP_WORKSPACE_ID"):
         Settings.from_env()
+
+
+def test_a_pair_is_copied_as_given_and_any_format_reaches_the_pipeline_as_chat_jsonl(backend, transport, settings):
+    import gzip
+
+    run = stored_run(settings)
+    container = default_storage().blob_service.get_container_client(settings.training_container)
+    test_etag = container.upload_blob("chat.test.jsonl.gz", gzip.compress(dataset(3)), overwrite=True) \
+        .get_blob_properties().etag
+    paired = Run(run.run_id, dataset_container=run.dataset_container, dataset_blob=run.dataset_blob,
+                 dataset_etag=run.dataset_etag, test_blob="chat.test.jsonl.gz", test_etag=test_etag,
+                 base_model=MODEL, created_at=run.created_at)
+    backend.submit_finetune(paired, TrainingConfig())
+    data = default_storage().blob_service.get_container_client(settings.azureml_data_container)
+    train = data.download_blob(f"{run.run_id}/train.jsonl").readall()
+    test = data.download_blob(f"{run.run_id}/test.jsonl").readall()
+    assert train.splitlines() == dataset().splitlines()  # all of it, in order: nothing split off
+    assert test.splitlines() == dataset(3).splitlines()  # decompressed, one chat row per line

@@ -24,7 +24,7 @@ from tests.test_validation import SETTINGS, chunked, codes, dataset, line, row
 
 #: Codes whose tests live here (or in test_handlers), beside test_validation's per-code cases.
 TESTED_CODES = {"corrupt_gzip", "invalid_parquet", "no_messages_column", "parquet_unavailable", "too_long",
-                "bad_override"}
+                "bad_override", "test_in_train"}
 
 
 def rows_data(n: int = 12) -> list[dict]:
@@ -301,3 +301,38 @@ def test_fault_catalogue_is_in_step_with_the_code():
     assert FAULTS.read_text() == faults_markdown(), "docs/dataset-faults.md is out of date: run python -m tunedrop.readme"
     for code in CODES:
         assert f"`{code}`" in FAULTS.read_text()
+
+
+# -- train/test pairs ----------------------------------------------------------------------------
+
+
+def test_pair_names():
+    from shared.datasets import pair_half
+
+    assert pair_half("chat.jsonl") is None and pair_half("train.jsonl") is None and pair_half("x.train.txt") is None
+    half = pair_half("data/chat.train.jsonl")
+    assert (half.half, half.stem, half.partner_hint) == ("train", "data/chat.", "data/chat.test.jsonl")
+    assert half.partner_names()[:3] == ["data/chat.test.jsonl", "data/chat.test.jsonl.gz", "data/chat.test.parquet"]
+    folder = pair_half("runs/may/test.jsonl.gz")
+    assert (folder.half, folder.stem, folder.partner_names()[0]) == ("test", "runs/may/", "runs/may/train.jsonl.gz")
+
+
+def test_a_pair_is_validated_as_one_report_naming_each_file():
+    from shared.validation import validate_pair
+
+    train = dataset()
+    test_rows = [row(1000), {"messages": [{"role": "user", "content": "new"}, {"role": "assistant", "content": "x"}]},
+                 {"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": "x"}]}]
+    test = ("\n".join(json.dumps(r) for r in test_rows) + "\n").encode()
+    report = validate_pair([train], [test], train_source="c.train.jsonl", test_source="c.test.jsonl")
+    assert not report.accepted and report.error_count == 1
+    (error,) = report.errors
+    assert (error.file, error.line, error.code) == ("c.test.jsonl", 3, "empty_content")
+    (warning,) = report.warnings
+    assert (warning.file, warning.line, warning.code) == ("c.test.jsonl", 1, "test_in_train")
+    assert "line 1 of the train file" in warning.message
+    assert report.stats["examples"] == validate_chunks([train]).stats["examples"]
+    assert report.stats["test"]["examples"] == 2 and report.stats["test"]["in_train"] == 1
+    assert "c.test.jsonl: line 3" in report.summary() and "1 also in the train file" in report.summary()
+    # the test file needs one example, not min_examples
+    assert validate_pair([train], [test.split(b"\n")[1] + b"\n"]).accepted

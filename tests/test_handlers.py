@@ -1,5 +1,6 @@
 """Each function called as the host calls it: real func.* objects, real Azurite, the local backend."""
 
+import gzip
 import json
 import sys
 from datetime import datetime, timezone
@@ -388,3 +389,79 @@ def test_an_overwrite_while_the_first_run_is_in_flight_is_a_new_run(app_env):
         from shared.backends.local import LocalBackend
 
         LocalBackend(settings).stop_all()
+
+
+# ---- train/test pairs ---------------------------------------------------------------------------
+
+
+def test_a_pair_is_one_run_whichever_half_arrives_first(app_env):
+    from shared.backends.local import LocalBackend
+
+    settings = Settings.from_env()
+    ingest = handler("ingest")
+    pipeline = get_pipeline()
+    try:
+        # test half first: nothing to run yet; then the train half completes the pair
+        assert ingest(upload(settings, "a/chat.test.jsonl", good_dataset(3))) is None
+        assert pipeline.store.list() == []
+        ingest(upload(settings, "a/chat.train.jsonl", good_dataset(12), metadata={"tunedrop_max_steps": "1"}))
+        (run,) = pipeline.store.list()
+        assert run.state == runs.SUBMITTED, run.error
+        assert (run.dataset_blob, run.test_blob) == ("a/chat.train.jsonl", "a/chat.test.jsonl")
+        test = run.report["stats"]["test"]
+        assert (test["file"], test["examples"], test["in_train"]) == ("a/chat.test.jsonl", 3, 3)
+        assert run.report["warnings"][0]["code"] == "test_in_train" and run.report["warnings"][0]["file"] == \
+            "a/chat.test.jsonl"
+        spec = json.loads((settings.state_dir / "jobs" / run.job_name / "job.json").read_text())
+        assert spec["dataset"]["test"] == {"blob": "a/chat.test.jsonl", "etag": run.test_etag}
+
+        # train half first (folder form): it waits, visibly; the test half's arrival starts it
+        ingest(upload(settings, "b/train.jsonl", good_dataset(12), metadata={"tunedrop_max_steps": "1"}))
+        (waiting,) = [r for r in pipeline.store.list() if r.dataset_blob == "b/train.jsonl"]
+        assert waiting.state == runs.RECEIVED and "b/test.jsonl" in waiting.error
+        assert [p["type"] for p in queued_webhooks(settings)].count("run.accepted") == 1  # only the first pair's
+        test_half = upload(settings, "b/test.jsonl.gz", gzip.compress(good_dataset(2)))
+        ingest(test_half)
+        started = pipeline.store.get(waiting.run_id)
+        assert started.state == runs.SUBMITTED, started.error
+        assert (started.test_blob, started.error) == ("b/test.jsonl.gz", "")
+        ingest(test_half)  # delivered again: nothing changes
+        assert pipeline.store.get(waiting.run_id).history == started.history
+        assert len(pipeline.store.list()) == 2
+    finally:
+        LocalBackend(settings).stop_all()
+
+
+def test_a_train_half_whose_test_half_never_comes_fails_after_the_wait(app_env):
+    from datetime import timedelta
+
+    from shared.pipeline import PAIR_WAIT
+
+    settings = Settings.from_env()
+    handler("ingest")(upload(settings, "lonely.train.jsonl", good_dataset()))
+    pipeline = get_pipeline()
+    (run,) = pipeline.store.list()
+    assert run.state == runs.RECEIVED
+    soon = datetime.fromisoformat(run.created_at) + timedelta(minutes=30)
+    pipeline.sweep(now=soon)
+    assert pipeline.store.get(run.run_id).state == runs.RECEIVED  # still waiting
+    pipeline.sweep(now=datetime.fromisoformat(run.created_at) + PAIR_WAIT + timedelta(minutes=1))
+    failed = pipeline.store.get(run.run_id)
+    assert failed.state == runs.FAILED and "lonely.test.jsonl" in failed.error
+    (webhook,) = [p for p in queued_webhooks(settings) if p["type"] == "run.failed"]
+    assert webhook["data"]["code"] == "missing_test_file"
+
+
+def test_a_pair_with_a_bad_test_half_is_rejected_whole_naming_the_file(app_env):
+    settings = Settings.from_env()
+    upload(settings, "p.test.jsonl", bad_dataset())
+    handler("ingest")(upload(settings, "p.train.jsonl", good_dataset()))
+    (run,) = get_pipeline().store.list()
+    assert run.state == runs.REJECTED
+    (error,) = run.report["errors"]
+    assert (error["file"], error["line"], error["code"]) == ("p.test.jsonl", 4, "unknown_role")
+    quarantine = default_storage().blob_service.get_container_client(settings.quarantine_container)
+    assert sorted(b.name for b in quarantine.list_blobs()) == [
+        f"{run.run_id}/p.test.jsonl", f"{run.run_id}/p.train.jsonl", f"{run.run_id}/p.train.jsonl.report.json"]
+    (webhook,) = queued_webhooks(settings)
+    assert "p.test.jsonl: line 4" in webhook["data"]["summary"]

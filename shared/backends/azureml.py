@@ -314,13 +314,15 @@ class AzureMLBackend:
     # ---- seed step 4: data ----------------------------------------------------------------------
 
     def write_split(self, run, config: TrainingConfig) -> tuple[str, str | None]:
-        """Stream the validated blob into `<run>/train.jsonl` and `<run>/test.jsonl` in the data container.
+        """Stream the validated dataset into `<run>/train.jsonl` and `<run>/test.jsonl` in the data container.
 
-        A line goes to test when a hash of (seed, line number) falls under test_fraction: deterministic, one
-        pass, bounded memory (blocks of 4 MiB are staged as they fill). The last line of each side is held back
-        so neither ends empty. Returns the `azureml://datastores/...` URIs the pipeline reads.
+        Whatever format was dropped (.jsonl, .jsonl.gz, Parquet), the pipeline gets chat JSONL, one
+        `{"messages": [...]}` per line, as the validator read it. A train/test pair is copied as given.
+        A single file is split: an example goes to test when a hash of (seed, its index) falls under
+        test_fraction: deterministic, one pass, bounded memory (blocks of 4 MiB are staged as they
+        fill). The last example of each side is held back so neither ends empty. Returns the
+        `azureml://datastores/...` URIs the pipeline reads.
         """
-        from azure.core import MatchConditions
         from azure.core.exceptions import ResourceExistsError
 
         from shared.storage import default_storage
@@ -331,33 +333,34 @@ class AzureMLBackend:
             container.create_container()
         except ResourceExistsError:
             pass
-        source = service.get_blob_client(run.dataset_container, run.dataset_blob)
-        stream = source.download_blob(etag=run.dataset_etag, match_condition=MatchConditions.IfNotModified)
         paths = {"train": f"{run.run_id}/train.jsonl", "test": f"{run.run_id}/test.jsonl"}
         writers = {side: _BlockWriter(container.get_blob_client(path)) for side, path in paths.items()}
-        held: dict[str, bytes | None] = {"train": None, "test": None}
-        threshold = int(config.test_fraction * 2**32)
-        index = 0
-        for line in _lines(stream.chunks()):
-            if not line.strip():
-                continue
-            digest = hashlib.sha256(f"{config.seed}:{index}".encode()).digest()
-            side = "test" if int.from_bytes(digest[:4], "big") < threshold else "train"
-            index += 1
-            if held[side] is not None:
-                writers[side].write(held[side])
-            held[side] = line
-        if config.test_fraction > 0 and held["test"] is None and held["train"] is not None:
-            held["test"], held["train"] = held["train"], None  # the last example is the test set
-        for side, line in held.items():
-            if line is not None:
-                writers[side].write(line)
+        with_test = bool(run.test_blob) or config.test_fraction > 0
+        if run.test_blob:
+            for side, blob, etag in (("train", run.dataset_blob, run.dataset_etag), ("test", run.test_blob, run.test_etag)):
+                for line in _chat_lines(service, run.dataset_container, blob, etag):
+                    writers[side].write(line)
+        else:
+            held: dict[str, bytes | None] = {"train": None, "test": None}
+            threshold = int(config.test_fraction * 2**32)
+            for index, line in enumerate(_chat_lines(service, run.dataset_container, run.dataset_blob,
+                                                     run.dataset_etag)):
+                digest = hashlib.sha256(f"{config.seed}:{index}".encode()).digest()
+                side = "test" if int.from_bytes(digest[:4], "big") < threshold else "train"
+                if held[side] is not None:
+                    writers[side].write(held[side])
+                held[side] = line
+            if config.test_fraction > 0 and held["test"] is None and held["train"] is not None:
+                held["test"], held["train"] = held["train"], None  # the last example is the test set
+            for side, line in held.items():
+                if line is not None:
+                    writers[side].write(line)
         writers["train"].commit()
-        if config.test_fraction > 0:
+        if with_test:
             writers["test"].commit()
         store = self.settings.azureml_datastore
         train = f"azureml://datastores/{store}/paths/{paths['train']}"
-        test = f"azureml://datastores/{store}/paths/{paths['test']}" if config.test_fraction > 0 else None
+        test = f"azureml://datastores/{store}/paths/{paths['test']}" if with_test else None
         return train, test
 
     # ---- seed steps 5-6: the pipeline job ---------------------------------------------------------
@@ -728,16 +731,16 @@ def _collect(metrics: dict[str, float], run: dict, prefix: str) -> None:
         metrics[f"{prefix}{metric['key']}"] = metric["value"]
 
 
-def _lines(chunks):
-    """Lines (with their newline) from byte chunks, one at a time."""
-    rest = b""
-    for chunk in chunks:
-        rest += chunk
-        *complete, rest = rest.split(b"\n")
-        for line in complete:
-            yield line + b"\n"
-    if rest:
-        yield rest + b"\n"
+def _chat_lines(service, container: str, blob: str, etag: str):
+    """The examples of one blob version as chat JSONL lines, whatever its format."""
+    from azure.core import MatchConditions
+
+    from shared.validation import detect_format, iter_conversations
+
+    stream = service.get_blob_client(container, blob).download_blob(
+        etag=etag, match_condition=MatchConditions.IfNotModified)
+    for messages in iter_conversations(stream.chunks(), format=detect_format(blob)):
+        yield json.dumps({"messages": messages}, ensure_ascii=False).encode() + b"\n"
 
 
 class _BlockWriter:

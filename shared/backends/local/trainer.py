@@ -3,14 +3,16 @@
 ``JOB_DIR/job.json``::
 
     {"job_name", "run_id" (tunedrop's), "experiment_name", "base_model", "model_cache_dir",
-     "dataset": {"container", "blob", "etag" (or null)}, "config": TrainingConfig.to_dict(),
+     "dataset": {"container", "blob", "etag" (or null), optional "test": {"blob", "etag"}},
+     "config": TrainingConfig.to_dict(),
      "tracking_uri", "events_url" (or null), "workspace_id",
      optional "artifact_location" (for a new experiment; default: mlartifacts/ beside a SQLite
      database), optional "events_attempts" (default 5)}
 
 The job reports as an Azure ML job does: ``JOB_DIR/status.json`` (Running, then Completed,
 Failed or Canceled on SIGTERM) and Azure ML-shaped run events posted to ``events_url``. It
-downloads the dataset blob version (``TUNEDROP_STORAGE``), splits it, applies LoRA to the base
+downloads the dataset blob version (``TUNEDROP_STORAGE``), splits it (or takes a pair's test half
+as given), applies LoRA to the base
 model and trains with a plain torch loop (loss on assistant tokens only), logs params, per-step
 metrics and the resulting model (artifact path ``model``, an MLflow model with an MLmodel file)
 to MLflow. Exit code 0 when completed, 1 otherwise.
@@ -346,15 +348,23 @@ class Job:
 
         from shared.storage import Storage
 
-        data_path = self.dir / "dataset.jsonl"
-        Storage().download_blob(dataset["container"], dataset["blob"], dataset.get("etag"), data_path)
         from shared.validation import detect_format
 
-        conversations = parse_dataset(data_path, detect_format(dataset["blob"]))
-        if not conversations:
-            raise ValueError(f"dataset {dataset['blob']} holds no chat examples")
-        train_rows, test_rows = split_examples(conversations, config.test_fraction, config.seed)
-        log(f"dataset: {len(train_rows)} train, {len(test_rows)} test")
+        def fetch(blob: str, etag: str | None, path: Path) -> list:
+            Storage().download_blob(dataset["container"], blob, etag, path)
+            conversations = parse_dataset(path, detect_format(blob))
+            if not conversations:
+                raise ValueError(f"dataset {blob} holds no chat examples")
+            return conversations
+
+        conversations = fetch(dataset["blob"], dataset.get("etag"), self.dir / "dataset.data")
+        if dataset.get("test"):  # a train/test pair: used as given
+            train_rows = conversations
+            test_rows = fetch(dataset["test"]["blob"], dataset["test"].get("etag"), self.dir / "test.data")
+            log(f"dataset: {len(train_rows)} train ({dataset['blob']}), {len(test_rows)} test ({dataset['test']['blob']})")
+        else:
+            train_rows, test_rows = split_examples(conversations, config.test_fraction, config.seed)
+            log(f"dataset: {len(train_rows)} train, {len(test_rows)} test (split {config.test_fraction:g})")
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
