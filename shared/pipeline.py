@@ -73,6 +73,39 @@ def _compact(report: dict[str, Any]) -> dict[str, Any]:
     return {**report, "errors": report["errors"][:REPORT_ISSUES_KEPT], "warnings": report["warnings"][:REPORT_ISSUES_KEPT]}
 
 
+def training_config(settings: Settings, metadata: dict[str, str] | None, sidecar: dict[str, Any] | None = None,
+                    sidecar_name: str = "sidecar") -> TrainingConfig:
+    """The seed's defaults < TUNEDROP_TRAINING_OVERRIDES < the sidecar file < blob metadata."""
+    config = TrainingConfig()
+    if settings.training_overrides:
+        try:
+            overrides = json.loads(settings.training_overrides)
+        except json.JSONDecodeError as exc:
+            raise TrainingConfigError(f"TUNEDROP_TRAINING_OVERRIDES is not JSON: {exc.msg}.") from None
+        config = config.with_overrides(overrides, "TUNEDROP_TRAINING_OVERRIDES")
+    per_blob = {k[len(OVERRIDE_PREFIX):].lower(): v for k, v in (metadata or {}).items()
+                if k.lower().startswith(OVERRIDE_PREFIX) and k.lower() != FORCE_KEY}
+    if sidecar:
+        config = config.with_overrides(sidecar, sidecar_name)
+    return config.with_overrides(per_blob, "blob metadata")
+
+
+def parse_sidecar(name: str, raw: bytes) -> dict[str, Any]:
+    """The overrides in a sidecar file's bytes; TrainingConfigError naming the file when they are not a JSON object."""
+    if len(raw) > SIDECAR_MAX_BYTES:
+        raise TrainingConfigError(f"{name}: over {SIDECAR_MAX_BYTES // 1024} KiB; it holds only a JSON object "
+                                  "of training parameters.")
+    try:
+        overrides = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TrainingConfigError(f"{name}: not JSON ({exc}); write an object such as "
+                                  '{"num_train_epochs": 1}.') from None
+    if not isinstance(overrides, dict):
+        raise TrainingConfigError(f"{name}: a JSON object of training parameters is needed, "
+                                  f"not {type(overrides).__name__}.")
+    return overrides
+
+
 class Pipeline:
     def __init__(self, settings: Settings, storage=None, backend=None, store: RunStore | None = None,
                  outbox: Outbox | None = None):
@@ -105,22 +138,6 @@ class Pipeline:
         return self._move(run.run_id, runs.FAILED, "run.failed", {"error": error, "code": code, "failed_in": run.state},
                           error=error)
 
-    def training_config(self, metadata: dict[str, str] | None, sidecar: dict[str, Any] | None = None,
-                        sidecar_name: str = "sidecar") -> TrainingConfig:
-        """The seed's defaults < TUNEDROP_TRAINING_OVERRIDES < the sidecar file < blob metadata."""
-        config = TrainingConfig()
-        if self.settings.training_overrides:
-            try:
-                overrides = json.loads(self.settings.training_overrides)
-            except json.JSONDecodeError as exc:
-                raise TrainingConfigError(f"TUNEDROP_TRAINING_OVERRIDES is not JSON: {exc.msg}.") from None
-            config = config.with_overrides(overrides, "TUNEDROP_TRAINING_OVERRIDES")
-        per_blob = {k[len(OVERRIDE_PREFIX):].lower(): v for k, v in (metadata or {}).items()
-                    if k.lower().startswith(OVERRIDE_PREFIX) and k.lower() != FORCE_KEY}
-        if sidecar:
-            config = config.with_overrides(sidecar, sidecar_name)
-        return config.with_overrides(per_blob, "blob metadata")
-
     def _sidecar(self, blob) -> tuple[str, dict[str, Any] | None]:
         """(its name, the overrides) of the dataset's sidecar `<name>.tunedrop.json`, if one exists."""
         from azure.core.exceptions import ResourceNotFoundError
@@ -131,18 +148,7 @@ class Pipeline:
             raw = client.download_blob(offset=0, length=SIDECAR_MAX_BYTES + 1).readall()
         except ResourceNotFoundError:
             return name, None
-        if len(raw) > SIDECAR_MAX_BYTES:
-            raise TrainingConfigError(f"{name}: over {SIDECAR_MAX_BYTES // 1024} KiB; it holds only a JSON object "
-                                      "of training parameters.")
-        try:
-            overrides = json.loads(raw.decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TrainingConfigError(f"{name}: not JSON ({exc}); write an object such as "
-                                      '{"num_train_epochs": 1}.') from None
-        if not isinstance(overrides, dict):
-            raise TrainingConfigError(f"{name}: a JSON object of training parameters is needed, "
-                                      f"not {type(overrides).__name__}.")
-        return name, overrides
+        return name, parse_sidecar(name, raw)
 
     # ---- ingest -------------------------------------------------------------------------------
 
@@ -191,7 +197,7 @@ class Pipeline:
             config_error = None
             try:
                 sidecar_name, sidecar = self._sidecar(blob)
-                config = self.training_config(props.metadata, sidecar, sidecar_name)
+                config = training_config(self.settings, props.metadata, sidecar, sidecar_name)
             except TrainingConfigError as exc:
                 config, config_error = None, exc
             from shared.tokens import tokenizer_for
@@ -224,10 +230,7 @@ class Pipeline:
             raise
         if config_error is not None:
             where = "sidecar" if str(config_error).startswith(name + SIDECAR_SUFFIX) else "metadata"
-            report.errors.insert(0, Issue(code="bad_override", message=str(config_error), field=where))
-            report.error_count += 1
-            report.stats.setdefault("errors_by_code", {})["bad_override"] = 1
-            report.accepted = False
+            report.reject(Issue(code="bad_override", message=str(config_error), field=where))
         elif report.accepted:
             from shared.tokens import estimate
 

@@ -84,7 +84,10 @@ def utcnow() -> datetime:
 def run_id_for(container: str, blob_name: str, etag: str) -> str:
     """The run id of one blob version: readable stem + hash of container, name and ETag."""
     digest = hashlib.sha256(f"{container}/{blob_name}@{etag.strip(chr(34))}".encode()).hexdigest()[:12]
-    stem = blob_name.rsplit("/", 1)[-1].split(".", 1)[0].lower()
+    parts = blob_name.split("/")
+    stem = parts[-1].split(".", 1)[0].lower()
+    if stem == "train" and len(parts) > 1:  # DIR/train.jsonl of a pair: the folder names the dataset
+        stem = parts[-2].lower()
     stem = re.sub(r"[^a-z0-9]+", "-", stem).strip("-")[:40] or "dataset"
     return f"{stem}-{digest}"
 

@@ -164,6 +164,14 @@ class Report:
             "warning_count": self.warning_count,
         }
 
+    def reject(self, issue: Issue) -> None:
+        """Add an error found outside the file (a bad override): listed first, the verdict rejected."""
+        self.errors.insert(0, issue)
+        self.error_count += 1
+        by_code = self.stats.setdefault("errors_by_code", {})
+        by_code[issue.code] = by_code.get(issue.code, 0) + 1
+        self.accepted = False
+
     def summary(self, limit: int = 5) -> str:
         """A few lines for a CLI or a webhook: verdict, counts, the first errors (or warnings)."""
         s = self.stats

@@ -36,6 +36,62 @@ def test_validate_missing_file_exits_2(tmp_path):
     assert json.loads(result.output)["errors"][0]["code"] == "unreadable"
 
 
+def _rows(n: int, start: int = 0) -> str:
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+            for i in range(start, start + n)]
+    return "\n".join(json.dumps(r) for r in rows) + "\n"
+
+
+def test_validate_checks_a_pair_half_with_its_other_half(tmp_path):
+    (tmp_path / "c.train.jsonl").write_text(_rows(12))
+    (tmp_path / "c.test.jsonl").write_text(_rows(2, start=100) + '{"messages": []}\n')
+    for given in ("c.train.jsonl", "c.test.jsonl"):  # either half names the pair
+        result = CliRunner().invoke(cli, ["validate", str(tmp_path / given), "--json", "--no-tokens"])
+        assert result.exit_code == 1, result.output
+        report = json.loads(result.output)
+        (error,) = report["errors"]
+        assert (error["file"], error["line"], error["code"]) == ("c.test.jsonl", 3, "empty_messages")
+        assert report["stats"]["examples"] == 12 and report["stats"]["test"]["examples"] == 2
+    (tmp_path / "lone.train.jsonl").write_text(_rows(12))
+    alone = CliRunner().invoke(cli, ["validate", str(tmp_path / "lone.train.jsonl"), "--no-tokens"])
+    assert alone.exit_code == 0 and "lone.test.jsonl is not there" in alone.output
+
+
+def test_validate_reads_the_sidecar_and_set_as_the_run_would(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(_rows(12))
+    (tmp_path / "d.jsonl.tunedrop.json").write_text('{"num_train_epochs": 0}')
+    result = CliRunner().invoke(cli, ["validate", str(data), "--json", "--no-tokens"])
+    assert result.exit_code == 1
+    (error,) = json.loads(result.output)["errors"]
+    assert (error["code"], error["field"]) == ("bad_override", "sidecar") and "d.jsonl.tunedrop.json" in error["message"]
+    (tmp_path / "d.jsonl.tunedrop.json").write_text('{"num_train_epochs": 1}')
+    bad_set = CliRunner().invoke(cli, ["validate", str(data), "--json", "--no-tokens", "--set", "lora_rank=8"])
+    (error,) = json.loads(bad_set.output)["errors"]
+    assert bad_set.exit_code == 1 and (error["code"], error["field"]) == ("bad_override", "metadata")
+    good = CliRunner().invoke(cli, ["validate", str(data), "--no-tokens", "--set", "lora_r=8"])
+    assert good.exit_code == 0, good.output
+
+
+def test_drop_sends_the_sidecar_and_a_pair_test_half_first(storage_env, tmp_path):
+    from shared.storage import default_storage
+
+    folder = tmp_path / "may"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(_rows(12))
+    (folder / "test.jsonl.gz").write_bytes(__import__("gzip").compress(_rows(2).encode()))
+    (folder / "train.jsonl.tunedrop.json").write_text('{"num_train_epochs": 1}')
+    result = CliRunner().invoke(cli, ["drop", str(folder / "test.jsonl.gz"), "--set", "max_steps=2"])
+    assert result.exit_code == 0, result.output
+    order = [line.split(" as ")[1].rstrip(".").split("/", 1)[1] for line in result.output.splitlines()
+             if line.startswith("Dropped")]
+    assert order == ["may/train.jsonl.tunedrop.json", "may/test.jsonl.gz", "may/train.jsonl"]
+    container = default_storage().blob_service.get_container_client(storage_env["TUNEDROP_TRAINING_CONTAINER"])
+    train = container.get_blob_client("may/train.jsonl").get_blob_properties()
+    assert train.metadata == {"tunedrop_max_steps": "2"}
+    assert "Run id: may-" in result.output  # a folder pair's run is named after its folder
+
+
 def test_secret_makes_a_usable_standard_webhooks_secret():
     secret = CliRunner().invoke(cli, ["secret"]).output.strip()
     assert secret.startswith("whsec_")

@@ -37,6 +37,37 @@ def _api(call):
         raise click.ClickException(str(exc)) from None
 
 
+def _override_metadata(overrides: tuple[str, ...]) -> dict[str, str]:
+    """`--set KEY=VALUE` options as the blob metadata they become."""
+    from shared.pipeline import OVERRIDE_PREFIX
+
+    metadata = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: use KEY=VALUE.", param_hint="--set")
+        metadata[f"{OVERRIDE_PREFIX}{key.strip()}"] = value.strip()
+    return metadata
+
+
+def _dataset_files(file: Path) -> tuple[Path, Path | None]:
+    """(train or single file, test half or None): a pair half brings its partner when it is beside it."""
+    from shared.datasets import pair_half
+
+    half = pair_half(file.as_posix())
+    if half is None:
+        return file, None
+    partner = next((Path(p) for p in half.partner_names() if Path(p).is_file()), None)
+    if partner is None:
+        click.echo(f"Note: {file} is half of a train/test pair and {half.partner_hint} is not there; "
+                   "the run waits for it once dropped.", err=True)
+        return file, None
+    return (file, partner) if half.half == "train" else (partner, file)
+
+
+SET_HELP = "Training parameter for this dataset only, e.g. --set num_train_epochs=1 (repeatable)."
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tunedrop")
 def cli():
@@ -99,36 +130,58 @@ def up(port: int, verbose: bool):
 @cli.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="Blob name in the training container (default: the file's name).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Training parameter for this dataset only, e.g. --set num_train_epochs=1 (repeatable).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def drop(file: Path, name: str | None, overrides: tuple[str, ...]):
-    """Upload FILE into the training container; prints the run id it becomes."""
+    """Upload FILE into the training container; prints the run id it becomes.
+
+    A sidecar FILE.tunedrop.json beside it goes up first. Half of a train/test pair
+    (NAME.train.jsonl + NAME.test.jsonl, or DIR/train.jsonl + DIR/test.jsonl) brings its other
+    half: the test half goes up first, so that the run starts as the train half arrives.
+    """
     from azure.core.exceptions import ResourceExistsError
 
-    from shared.pipeline import OVERRIDE_PREFIX
+    from shared.datasets import pair_half
+    from shared.pipeline import SIDECAR_SUFFIX
     from shared.runs import run_id_for
     from shared.storage import default_storage
+
     if "TUNEDROP_STORAGE" not in os.environ and not any(k.startswith("TUNEDROP_STORAGE__") for k in os.environ):
         from shared.settings import AZURITE_CONNECTION_STRING
 
         os.environ["TUNEDROP_STORAGE"] = AZURITE_CONNECTION_STRING
     settings = _settings()
-    metadata = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r}: use KEY=VALUE.", param_hint="--set")
-        metadata[f"{OVERRIDE_PREFIX}{key.strip()}"] = value.strip()
+    metadata = _override_metadata(overrides)
+    train, test = _dataset_files(file)
+    dropped = pair_half(file.as_posix())
+    # A folder pair keeps its folder in the blob names (DIR/train.jsonl); anything else drops as its file name.
+    blob_name = name or (f"{file.parent.name}/{file.name}" if dropped and dropped.stem.endswith("/") else file.name)
+    names = {file: blob_name}
+    if test is not None:
+        half = pair_half(blob_name)
+        if half is None:
+            raise click.BadParameter(f"{blob_name!r} does not name half of a pair, so its other half would not be "
+                                     f"found: end it in .{dropped.half}{dropped.suffix}.", param_hint="--name")
+        partner = test if file == train else train
+        names[partner] = half.stem + half.other + pair_half(partner.as_posix()).suffix
     container = default_storage().blob_service.get_container_client(settings.training_container)
     try:
         container.create_container()
     except ResourceExistsError:
         pass
-    blob_name = name or file.name
-    with open(file, "rb") as handle:
-        result = container.get_blob_client(blob_name).upload_blob(handle, overwrite=True, metadata=metadata or None)
-    run_id = run_id_for(settings.training_container, blob_name, result["etag"])
-    click.echo(f"Dropped {file} as {settings.training_container}/{blob_name}.")
+
+    def upload(path: Path, blob: str, meta=None):
+        with open(path, "rb") as handle:
+            result = container.get_blob_client(blob).upload_blob(handle, overwrite=True, metadata=meta or None)
+        click.echo(f"Dropped {path} as {settings.training_container}/{blob}.")
+        return result
+
+    sidecar = train.with_name(train.name + SIDECAR_SUFFIX)
+    if sidecar.is_file():
+        upload(sidecar, names[train] + SIDECAR_SUFFIX)
+    if test is not None:
+        upload(test, names[test])
+    result = upload(train, names[train], metadata)
+    run_id = run_id_for(settings.training_container, names[train], result["etag"])
     click.echo(f"Run id: {run_id}   (follow it: tunedrop status {run_id})")
 
 
@@ -194,34 +247,58 @@ def retry(run_id: str):
 @click.option("--min-examples", type=int, help="Fewest valid examples accepted (default: TUNEDROP_MIN_EXAMPLES).")
 @click.option("--tokens/--no-tokens", default=None,
               help="Count tokens per example (default: TUNEDROP_COUNT_TOKENS); --no-tokens is a quicker check.")
-def validate(file: Path, as_json: bool, min_examples: int | None, tokens: bool | None):
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Training parameter to check with, as `drop --set` sets it (repeatable).")
+def validate(file: Path, as_json: bool, min_examples: int | None, tokens: bool | None, overrides: tuple[str, ...]):
     """Check a dataset (.jsonl, .jsonl.gz, .parquet) as the ingest function would.
 
+    Reads the overrides the run would get (a sidecar FILE.tunedrop.json beside it, then --set),
+    and checks half of a train/test pair together with its other half when that is beside it.
     Exit 0 accepted, 1 rejected, 2 unreadable.
     """
     import dataclasses
 
+    from shared.pipeline import SIDECAR_SUFFIX, parse_sidecar, training_config
     from shared.tokens import estimate, tokenizer_for
-    from shared.training import TrainingConfig
-    from shared.validation import validate_path
+    from shared.training import TrainingConfig, TrainingConfigError
+    from shared.validation import Issue, detect_format, validate_pair, validate_path
 
     settings = _settings()
     if tokens is not None:
         settings = dataclasses.replace(settings, count_tokens=tokens)
-    config = TrainingConfig()
+    metadata = _override_metadata(overrides)
+    train, test = _dataset_files(file)
+    sidecar_path = train.with_name(train.name + SIDECAR_SUFFIX)
+    config_error = None
     try:
-        report = validate_path(file, min_examples=min_examples if min_examples is not None else settings.min_examples,
-                               max_errors=settings.max_errors, max_line_bytes=settings.max_line_bytes,
-                               tokenizer=tokenizer_for(settings), max_seq_length=config.max_seq_length)
+        sidecar = parse_sidecar(sidecar_path.name, sidecar_path.read_bytes()) if sidecar_path.is_file() else None
+        config = training_config(settings, metadata, sidecar, sidecar_path.name)
+    except TrainingConfigError as exc:
+        config, config_error = TrainingConfig(), exc
+    options = dict(min_examples=min_examples if min_examples is not None else settings.min_examples,
+                   max_errors=settings.max_errors, max_line_bytes=settings.max_line_bytes,
+                   tokenizer=tokenizer_for(settings), max_seq_length=config.max_seq_length)
+    try:
+        if test is None:
+            report = validate_path(train, **options)
+        else:
+            with open(train, "rb") as train_file, open(test, "rb") as test_file:
+                report = validate_pair(iter(lambda: train_file.read(1 << 20), b""), iter(lambda: test_file.read(1 << 20), b""),
+                                       train_source=train.name, test_source=test.name,
+                                       train_format=detect_format(train.name), test_format=detect_format(test.name),
+                                       **options)
     except OSError as exc:
         if as_json:
             click.echo(json.dumps({"accepted": False, "errors": [{"line": None, "code": "unreadable",
-                                                                 "message": f"{file}: {exc.strerror}"}],
+                                                                 "message": f"{exc.filename or file}: {exc.strerror}"}],
                                    "warnings": [], "stats": {}}))
         else:
-            click.echo(f"Error: cannot read {file}: {exc.strerror}", err=True)
+            click.echo(f"Error: cannot read {exc.filename or file}: {exc.strerror}", err=True)
         sys.exit(2)
-    if report.accepted:
+    if config_error is not None:
+        where = "sidecar" if str(config_error).startswith(sidecar_path.name) else "metadata"
+        report.reject(Issue(code="bad_override", message=str(config_error), field=where))
+    elif report.accepted:
         training = estimate(report.stats, config, settings.backend, settings.estimate_tokens_per_s,
                             settings.estimate_cost_per_hour)
         if training:
