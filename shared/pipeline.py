@@ -198,7 +198,13 @@ class Pipeline:
             try:
                 sidecar_name, sidecar = self._sidecar(blob)
                 config = training_config(self.settings, props.metadata, sidecar, sidecar_name)
+                if config.base_model:
+                    self.backend.check_base_model(config.base_model)
             except TrainingConfigError as exc:
+                config, config_error = None, exc
+            except BackendError as exc:
+                if exc.retryable:
+                    raise
                 config, config_error = None, exc
             from shared.tokens import tokenizer_for
 
@@ -209,7 +215,8 @@ class Pipeline:
                 return (content.update(chunk) or chunk for chunk in stream.chunks())
 
             options = dict(min_examples=self.settings.min_examples, max_errors=self.settings.max_errors,
-                           max_line_bytes=self.settings.max_line_bytes, tokenizer=tokenizer_for(self.settings),
+                           max_line_bytes=self.settings.max_line_bytes,
+                           tokenizer=tokenizer_for(self.settings, config.base_model if config else ""),
                            max_seq_length=(config or TrainingConfig()).max_seq_length)
             if claimed.test_blob:
                 test = test or self.storage.blob_service.get_blob_client(container, claimed.test_blob)
@@ -229,7 +236,8 @@ class Pipeline:
             self.store.release(claimed, f"{type(exc).__name__}: {exc}")
             raise
         if config_error is not None:
-            where = "sidecar" if str(config_error).startswith(name + SIDECAR_SUFFIX) else "metadata"
+            where = ("base_model" if isinstance(config_error, BackendError)
+                     else "sidecar" if str(config_error).startswith(name + SIDECAR_SUFFIX) else "metadata")
             report.reject(Issue(code="bad_override", message=str(config_error), field=where))
         elif report.accepted:
             from shared.tokens import estimate
@@ -257,7 +265,8 @@ class Pipeline:
             return self._move(run_id, runs.REJECTED, "run.rejected",
                               {"dataset": name, "report": report_dict, "summary": message, "duplicate_of": earlier.run_id},
                               report=_compact(report_dict), error=message, content_sha256=content.hexdigest())
-        claimed = self.store.update(run_id, content_sha256=content.hexdigest())
+        claimed = self.store.update(run_id, content_sha256=content.hexdigest(),
+                                    base_model=config.base_model or self.settings.effective_base_model)
         self.outbox.publish(run_id, "run.accepted", {"dataset": name, "report": report_dict, "summary": report.summary()})
         try:
             job_name = self.backend.submit_finetune(claimed, config)

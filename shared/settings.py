@@ -241,7 +241,11 @@ class Settings:
 
     @property
     def effective_model_name(self) -> str:
-        return self.registered_model_name or f"{self.effective_base_model}-ultrachat-200k"
+        return self.model_name_for(self.effective_base_model)
+
+    def model_name_for(self, base_model: str) -> str:
+        """The registered model name of runs that fine-tune ``base_model``."""
+        return self.registered_model_name or f"{base_model or self.effective_base_model}-ultrachat-200k"
 
     @property
     def effective_tracking_uri(self) -> str:
@@ -266,7 +270,11 @@ class Settings:
 
     @property
     def effective_experiment(self) -> str:
-        return self.azureml_experiment or f"chat_completion_{self.effective_base_model}"
+        return self.experiment_for(self.effective_base_model)
+
+    def experiment_for(self, base_model: str) -> str:
+        """The Azure ML experiment of runs that fine-tune ``base_model``."""
+        return self.azureml_experiment or f"chat_completion_{base_model or self.effective_base_model}"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":

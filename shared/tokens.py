@@ -83,11 +83,12 @@ def find_tokenizer(base_model: str, model_cache_dir: Path | str | None):
     return None
 
 
-def tokenizer_for(settings) -> object | None:
-    """What ingest counts with: None when switched off, else the fast tokenizer or the estimate."""
+def tokenizer_for(settings, base_model: str = "") -> object | None:
+    """What ingest counts with for ``base_model`` (default: the app's): None when switched off,
+    else the fast tokenizer or the estimate."""
     if not settings.count_tokens:
         return None
-    return find_tokenizer(settings.effective_base_model, settings.model_cache_dir) or EstimateTokenizer()
+    return find_tokenizer(base_model or settings.effective_base_model, settings.model_cache_dir) or EstimateTokenizer()
 
 
 def estimate(stats: dict, config, backend: str, tokens_per_s: float = 0.0, cost_per_hour: float = -1.0) -> dict | None:

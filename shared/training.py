@@ -7,8 +7,11 @@ local LoRA trainer. Per-run overrides and `TUNEDROP_TRAINING_OVERRIDES` are merg
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def _param(default, help: str):
@@ -39,6 +42,9 @@ class TrainingConfig:
     test_fraction: float = _param(0.1, "Share of a single dropped file held out as the test split.")
     max_steps: int = _param(0, "Stop after this many optimiser steps (0: run all epochs). For quick local runs.")
     seed: int = _param(42, "Random seed for the split, LoRA initialisation and data order.")
+    base_model: str = _param("", "Base model to fine-tune for this dataset instead of the app's TUNEDROP_BASE_MODEL: "
+                             "locally smollm2-135m-instruct or tiny-random; in Azure ML a model of the registry "
+                             "(e.g. Phi-3-mini-128k-instruct). Checked before validation.")
 
     def with_overrides(self, overrides: dict[str, Any] | None, source: str = "overrides") -> "TrainingConfig":
         if not overrides:
@@ -65,6 +71,9 @@ class TrainingConfig:
             raise TrainingConfigError(f"{source}: learning_rate must be in (0, 1), got {self.learning_rate}.")
         if not 0 <= self.test_fraction < 1:
             raise TrainingConfigError(f"{source}: test_fraction must be in [0, 1), got {self.test_fraction}.")
+        if self.base_model and not _MODEL_NAME.fullmatch(self.base_model):
+            raise TrainingConfigError(f"{source}: base_model {self.base_model!r}: give a model name (letters, digits, "
+                                      "'.', '_', '-'), such as Phi-3-mini-4k-instruct.")
         if self.lr_scheduler_type not in ("cosine", "linear", "constant"):
             raise TrainingConfigError(
                 f"{source}: lr_scheduler_type {self.lr_scheduler_type!r}: use cosine, linear or constant."

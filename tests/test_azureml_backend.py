@@ -511,3 +511,12 @@ def test_a_pair_is_copied_as_given_and_any_format_reaches_the_pipeline_as_chat_j
     test = data.download_blob(f"{run.run_id}/test.jsonl").readall()
     assert train.splitlines() == dataset().splitlines()  # all of it, in order: nothing split off
     assert test.splitlines() == dataset(3).splitlines()  # decompressed, one chat row per line
+
+
+def test_a_per_run_base_model_is_looked_up_in_the_registry(backend, transport):
+    backend.check_base_model(MODEL)  # in the registry: fine
+    transport.on("GET", r"/registries/azureml/models/Phi-9\b", error(404, "ResourceNotFound"))
+    with pytest.raises(BackendError) as caught:
+        backend.check_base_model("Phi-9")
+    assert caught.value.code == "unknown_base_model" and not caught.value.retryable
+    assert "Phi-9" in str(caught.value) and "set base_model" in str(caught.value)

@@ -465,3 +465,29 @@ def test_a_pair_with_a_bad_test_half_is_rejected_whole_naming_the_file(app_env):
         f"{run.run_id}/p.test.jsonl", f"{run.run_id}/p.train.jsonl", f"{run.run_id}/p.train.jsonl.report.json"]
     (webhook,) = queued_webhooks(settings)
     assert "p.test.jsonl: line 4" in webhook["data"]["summary"]
+
+
+def test_a_dataset_can_name_its_own_base_model_and_an_unknown_one_is_rejected(app_env):
+    from shared.backends.local import LocalBackend
+
+    settings = Settings.from_env()
+    assert settings.effective_base_model == "tiny-random"
+    ingest = handler("ingest")
+    ingest(upload(settings, "other.jsonl", good_dataset(), metadata={"tunedrop_base_model": "smollm2-135m-instruct",
+                                                                     "tunedrop_max_steps": "1"}))
+    ingest(upload(settings, "nope.jsonl", good_dataset(), metadata={"tunedrop_base_model": "gpt-17"}))
+    ingest(upload(settings, "path.jsonl", good_dataset(), metadata={"tunedrop_base_model": "/etc/passwd"}))
+    try:
+        by_blob = {r.dataset_blob: r for r in get_pipeline().store.list()}
+        other = by_blob["other.jsonl"]
+        assert other.state == runs.SUBMITTED and other.base_model == "smollm2-135m-instruct"
+        assert other.display_name.startswith("smollm2-135m-instruct-")
+        spec = json.loads((settings.state_dir / "jobs" / other.job_name / "job.json").read_text())
+        assert spec["base_model"] == "smollm2-135m-instruct"
+        for blob, field in (("nope.jsonl", "base_model"), ("path.jsonl", "metadata")):
+            run = by_blob[blob]
+            assert run.state == runs.REJECTED
+            (error,) = run.report["errors"]
+            assert (error["code"], error["field"]) == ("bad_override", field) and "base_model" in error["message"]
+    finally:
+        LocalBackend(settings).stop_all()

@@ -277,7 +277,7 @@ def validate(file: Path, as_json: bool, min_examples: int | None, tokens: bool |
         config, config_error = TrainingConfig(), exc
     options = dict(min_examples=min_examples if min_examples is not None else settings.min_examples,
                    max_errors=settings.max_errors, max_line_bytes=settings.max_line_bytes,
-                   tokenizer=tokenizer_for(settings), max_seq_length=config.max_seq_length)
+                   tokenizer=tokenizer_for(settings, config.base_model), max_seq_length=config.max_seq_length)
     try:
         if test is None:
             report = validate_path(train, **options)

@@ -257,6 +257,8 @@ class AzureMLBackend:
         except HttpResponseError as exc:
             status = getattr(exc, "status_code", None) or 0
             code, message = _error_code(exc)
+            if status == 404 and not_found is not None:  # some SDK calls raise a plain HttpResponseError for 404
+                raise BackendError(not_found, code="not_found") from exc
             if status == 429 or status >= 500:
                 raise BackendError(f"Could not {doing}: Azure answered {status} {code}; will retry.",
                                    code="throttled" if status == 429 else "azure_unavailable", retryable=True) from exc
@@ -275,6 +277,15 @@ class AzureMLBackend:
                           lambda: self.registry.models.get(name, label=label),
                           not_found=f"Model {name} (label {label}) is not in registry {self.settings.azureml_registry}:"
                                     " set TUNEDROP_BASE_MODEL to a model of that registry.")
+
+    def check_base_model(self, name: str) -> None:
+        try:
+            self.foundation_model(name)
+        except BackendError as exc:
+            if exc.code == "not_found":
+                raise BackendError(f"base_model {name!r}: {exc}".replace("set TUNEDROP_BASE_MODEL", "set base_model"),
+                                   code="unknown_base_model") from None
+            raise
 
     def check_compute(self, model) -> tuple[str, int]:
         """The seed's compute checks; returns (cluster name, GPUs per node)."""
@@ -384,7 +395,7 @@ class AzureMLBackend:
         params = finetune_parameters(config, model.tags or {})
         train_uri, test_uri = self.write_split(run, config)
         job = self.build_pipeline_job(run, job_name, model, compute, gpus, params, train_uri, test_uri)
-        experiment = self.settings.effective_experiment
+        experiment = self.settings.experiment_for(base)
         self._call(f"submit job {job_name}", lambda: self.workspace.jobs.create_or_update(job, experiment_name=experiment))
         log.info("job %s submitted to experiment %s", job_name, experiment)
         return job_name
@@ -506,7 +517,7 @@ class AzureMLBackend:
         from azure.ai.ml.entities import Model
         from azure.core.exceptions import ResourceNotFoundError
 
-        name = self.settings.effective_model_name.replace("/", "-")
+        name = self.settings.model_name_for(run.base_model).replace("/", "-")
         version = self.model_version_for(run)
         try:
             existing = self._call(f"get model {name}:{version}", lambda: self.workspace.models.get(name, version))

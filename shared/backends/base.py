@@ -75,6 +75,9 @@ class ScoringTarget:
 class Backend(Protocol):
     name: str
 
+    def check_base_model(self, name: str) -> None:
+        """BackendError (code ``unknown_base_model``) when ``name`` cannot be fine-tuned here."""
+
     def submit_finetune(self, run: "Run", config: "TrainingConfig") -> str:
         """Start the fine-tune for ``run``; returns the job name (the same one on a repeated call)."""
 

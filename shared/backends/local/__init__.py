@@ -143,6 +143,13 @@ class LocalBackend:
 
     # ---- jobs -------------------------------------------------------------------------------
 
+    def check_base_model(self, name: str) -> None:
+        from shared.backends.local.models import CHOICES
+
+        if name not in CHOICES:
+            raise BackendError(f"base_model {name!r} is not a local model: use one of {', '.join(CHOICES)}.",
+                               code="unknown_base_model")
+
     def submit_finetune(self, run, config) -> str:
         job_name = job_name_for(run.run_id, run.retries)
         job_dir = self.jobs_dir / job_name
@@ -201,7 +208,7 @@ class LocalBackend:
         mlflow_run_id = status.get("mlflow_run_id")
         if status.get("state") != JOB_COMPLETED or not mlflow_run_id:
             raise BackendError(f"Job {run.job_name} has no completed model to register.", code="job_not_completed")
-        name = self.settings.effective_model_name
+        name = self.settings.model_name_for(run.base_model)
         client = self._mlflow()
         with _file_lock(self.state_dir / "registry.lock"):
             existing = client.search_model_versions(f"name = '{name}' and tags.{RUN_ID_TAG} = '{run.run_id}'")
