@@ -173,12 +173,13 @@ class Pipeline:
             log.info("blob %s is a sidecar of training parameters, read when its dataset is ingested", name)
             return None
         half = pair_half(name)
-        test, test_props = self._partner(container, half) if half else (None, None)
+        partner, partner_props = self._partner(container, half) if half else (None, None)
         if half and half.half == "test":
-            if test is None:
+            if partner is None:
                 log.info("blob %s is a test half; its run starts when %s arrives", name, half.partner_hint)
                 return None
-            return self.ingest(test, now=now)  # `test` is the train half here: it carries the run
+            return self.ingest(partner, now=now)  # the train half carries the run
+        test, test_props = partner, partner_props
         run_id = runs.run_id_for(container, name, etag)
         run, created = self.store.create(Run(
             run_id, dataset_container=container, dataset_blob=name, dataset_etag=etag,
