@@ -220,20 +220,26 @@ objects = st.recursive(leaf, lambda children: st.lists(children, max_size=3)
                        | st.lists(st.tuples(keys, children), max_size=4).map(lambda p: ("obj", p)), max_leaves=12)
 
 
+def _stdlib_sees_a_doubled_key(text: bytes) -> bool:
+    """The reference: whether Python's json module meets an object with a key written twice."""
+    seen = False
+
+    def hook(pairs):
+        nonlocal seen
+        seen |= len({k for k, _ in pairs}) != len(pairs)
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=hook)
+    return seen
+
+
 @SETTINGS
 @given(objects, st.integers(0, 5))
 def test_duplicate_keys_found_exactly_as_the_stdlib_finds_them(value, style):
     from shared.validation import _has_duplicate_key, _loads
 
     text = _render(value, style).encode()
-    seen_dup = False
-
-    def hook(pairs):
-        nonlocal seen_dup
-        seen_dup |= len({k for k, _ in pairs}) != len(pairs)
-        return dict(pairs)
-
-    json.loads(text, object_pairs_hook=hook)
+    seen_dup = _stdlib_sees_a_doubled_key(text)
     assert _has_duplicate_key(text, _loads(text)) == seen_dup
 
 
@@ -280,14 +286,7 @@ def test_the_typed_path_finds_every_doubled_key(contents, system, prompt, dup, r
         top.append((_key("prompt", rng), _string(contents[-1], rng)))
     text = ("{" + ",".join(k + sep + v for k, v in top) + "}").encode()
 
-    seen_dup = False
-
-    def hook(pairs):
-        nonlocal seen_dup
-        seen_dup |= len({k for k, _ in pairs}) != len(pairs)
-        return dict(pairs)
-
-    json.loads(text, object_pairs_hook=hook)
+    seen_dup = _stdlib_sees_a_doubled_key(text)
     report = validate_chunks([text + b"\n"], min_examples=1)
     found = "duplicate_key" in [e.code for e in report.errors]
     assert found == seen_dup, (text, report.summary())
