@@ -181,6 +181,8 @@ class Pipeline:
             return self.ingest(partner, now=now)  # the train half carries the run
         test, test_props = partner, partner_props
         run_id = runs.run_id_for(container, name, etag)
+        if test is not None:
+            run_id = self._pair_run_id(run_id, container, name, etag, test_props.etag)
         run, created = self.store.create(Run(
             run_id, dataset_container=container, dataset_blob=name, dataset_etag=etag,
             dataset_bytes=props.size, base_model=self.settings.effective_base_model,
@@ -298,6 +300,15 @@ class Pipeline:
                 continue
         return None, None
 
+    def _pair_run_id(self, run_id: str, container: str, name: str, etag: str, test_etag: str) -> str:
+        """The run of a pair: its train half's version's run, unless that run has already gone on
+        with another version of the test half (or failed waiting for it). A replaced or late test
+        half makes a new pair, which gets a run of its own, as any re-uploaded dataset does."""
+        first = self.store.find(run_id)
+        if first is None or first.state == runs.RECEIVED or first.test_etag == test_etag:
+            return run_id
+        return runs.run_id_for(container, name, f"{etag}+{test_etag}")
+
     def _wait_for_test(self, run: Run, partner: str, now: datetime | None) -> Run:
         """A train half whose test half has not arrived: the run waits in `received` (the test half's
         arrival, or the sweeper, picks it up) and fails once PAIR_WAIT has passed without it."""
@@ -306,8 +317,8 @@ class Pipeline:
         waited = (now or utcnow()) - datetime.fromisoformat(run.created_at)
         if waited > PAIR_WAIT:
             return self._fail(run, f"Its test half {partner} did not arrive within {PAIR_WAIT.total_seconds() / 3600:g} "
-                              f"h: upload it, then upload {run.dataset_blob} again (or upload the dataset as one "
-                              "file, without .train, to have it split).", "missing_test_file") or self.store.get(run.run_id)
+                              f"h: upload it and the pair's run starts then (or upload the dataset as one file, "
+                              "without .train, to have it split).", "missing_test_file") or self.store.get(run.run_id)
         message = f"Waiting for its test half {partner} (a train/test pair is used as given)."
         if run.error != message:
             run = self.store.update(run.run_id, error=message)

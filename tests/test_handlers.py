@@ -452,6 +452,44 @@ def test_a_train_half_whose_test_half_never_comes_fails_after_the_wait(app_env):
     assert webhook["data"]["code"] == "missing_test_file"
 
 
+def test_a_replaced_or_late_test_half_makes_a_new_run_of_the_pair(app_env):
+    from datetime import timedelta
+
+    from shared.backends.local import LocalBackend
+    from shared.pipeline import PAIR_WAIT
+
+    settings = Settings.from_env()
+    ingest = handler("ingest")
+    pipeline = get_pipeline()
+    steps = {"tunedrop_max_steps": "1"}
+    try:
+        upload(settings, "r.test.jsonl", good_dataset(3))
+        ingest(upload(settings, "r.train.jsonl", good_dataset(12), metadata=steps))
+        (first,) = pipeline.store.list()
+        assert first.state == runs.SUBMITTED, first.error
+        replaced = upload(settings, "r.test.jsonl", good_dataset(4))  # a new version of the test half
+        ingest(replaced)
+        (second,) = [r for r in pipeline.store.list() if r.run_id != first.run_id]
+        assert second.state == runs.SUBMITTED, second.error
+        assert (second.dataset_etag, second.test_blob) == (first.dataset_etag, "r.test.jsonl")
+        assert second.test_etag == replaced.get_blob_properties().etag != first.test_etag
+        assert second.report["stats"]["test"]["examples"] == 4
+        ingest(replaced)  # delivered again: nothing new
+        assert len(pipeline.store.list()) == 2
+        assert pipeline.store.get(first.run_id).history == first.history  # the first run is untouched
+
+        # a train half that failed waiting: its test half arriving late starts the pair after all
+        ingest(upload(settings, "late.train.jsonl", good_dataset(12), metadata=steps))
+        (waiting,) = [r for r in pipeline.store.list() if r.dataset_blob == "late.train.jsonl"]
+        pipeline.sweep(now=datetime.fromisoformat(waiting.created_at) + PAIR_WAIT + timedelta(minutes=1))
+        assert pipeline.store.get(waiting.run_id).state == runs.FAILED
+        ingest(upload(settings, "late.test.jsonl", good_dataset(2)))
+        (late,) = [r for r in pipeline.store.list() if r.dataset_blob == "late.train.jsonl" and r.run_id != waiting.run_id]
+        assert late.state == runs.SUBMITTED and late.test_blob == "late.test.jsonl", late.error
+    finally:
+        LocalBackend(settings).stop_all()
+
+
 def test_a_pair_with_a_bad_test_half_is_rejected_whole_naming_the_file(app_env):
     settings = Settings.from_env()
     upload(settings, "p.test.jsonl", bad_dataset())
