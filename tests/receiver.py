@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from standardwebhooks.webhooks import Webhook
+
+from tunedrop.receiver import PostReceiver
 
 
 class Receiver:
@@ -19,42 +20,29 @@ class Receiver:
         self.fail_first = fail_first
         self.status = status
         self._lock = threading.Lock()
-        receiver = self
+        self._post: PostReceiver | None = None
+        self.url = ""
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                with receiver._lock:
-                    receiver.attempts += 1
-                    if receiver.attempts <= receiver.fail_first:
-                        self.send_response(503)
-                        self.end_headers()
-                        return
-                    try:
-                        payload = Webhook(receiver.secret).verify(body, dict(self.headers))
-                    except Exception:
-                        receiver.rejected += 1
-                        self.send_response(400)
-                        self.end_headers()
-                        return
-                    receiver.received.append({"id": self.headers["webhook-id"], **payload})
-                self.send_response(receiver.status)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks?token=abc"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    def _receive(self, path: str, headers: dict[str, str], body: bytes) -> int:
+        with self._lock:
+            self.attempts += 1
+            if self.attempts <= self.fail_first:
+                return 503
+            try:
+                payload = Webhook(self.secret).verify(body, headers)
+            except Exception:
+                self.rejected += 1
+                return 400
+            self.received.append({"id": headers["webhook-id"], **payload})
+        return self.status
 
     def __enter__(self):
-        self.thread.start()
+        self._post = PostReceiver(self._receive, "/hooks?token=abc")
+        self.url = self._post.url
         return self
 
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self._post.close()
 
     def types(self) -> list[str]:
         with self._lock:

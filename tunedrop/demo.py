@@ -12,12 +12,11 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from tunedrop.local import PROJECT_ROOT
+from tunedrop.receiver import PostReceiver
 
 #: Quick settings for a demo on a laptop CPU: a short LoRA fine-tune, a fast sweeper, a short idle time.
 DEMO_TRAINING = {"num_train_epochs": 2, "max_steps": 40, "max_seq_length": 128, "learning_rate": 3e-4,
@@ -50,37 +49,26 @@ class WebhookReceiver:
 
         self.events: list[dict] = []
         self.failures = 0
-        verifier = Webhook(secret)
-        receiver = self
+        self._verifier = Webhook(secret)
+        self._clock = clock
+        self._post = PostReceiver(self._receive, "/tunedrop")
+        self.url = self._post.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                try:
-                    payload = verifier.verify(body, dict(self.headers))
-                except Exception:
-                    receiver.failures += 1
-                    self.send_response(400)
-                    self.end_headers()
-                    return
-                receiver.events.append(payload)
-                print(f"{clock()}   webhook {payload['type']:<20} signature verified", flush=True)
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/tunedrop"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _receive(self, path: str, headers: dict[str, str], body: bytes) -> int:
+        try:
+            payload = self._verifier.verify(body, headers)
+        except Exception:
+            self.failures += 1
+            return 400
+        self.events.append(payload)
+        print(f"{self._clock()}   webhook {payload['type']:<20} signature verified", flush=True)
+        return 204
 
     def types(self) -> list[str]:
         return [e["type"] for e in self.events]
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._post.close()
 
 
 def _step(clock: Clock, text: str) -> None:

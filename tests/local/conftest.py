@@ -10,13 +10,13 @@ import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from shared.events import RUN_ID_TAG  # noqa: F401  (re-exported for the tests)
 from shared.storage import Storage
+from tunedrop.receiver import PostReceiver
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINING_CONFIG = {
@@ -56,31 +56,18 @@ def dataset_bytes(rows: list[dict]) -> bytes:
 
 
 class EventRecorder:
-    """A tiny HTTP server recording what is POSTed to it (the Functions host's Event Grid route)."""
+    """Records what is POSTed to it (the Functions host's Event Grid route)."""
 
     def __init__(self):
         self.posts: list[dict] = []
         self._lock = threading.Lock()
-        recorder = self
+        self._post = PostReceiver(self._receive, "/runtime/webhooks/EventGrid?functionName=job_events")
+        self.url = self._post.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with recorder._lock:
-                    recorder.posts.append(
-                        {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                         "body": json.loads(body)}
-                    )
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/runtime/webhooks/EventGrid?functionName=job_events"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _receive(self, path: str, headers: dict[str, str], body: bytes) -> int:
+        with self._lock:
+            self.posts.append({"path": path, "headers": headers, "body": json.loads(body)})
+        return 200
 
     @property
     def events(self) -> list[dict]:
@@ -88,8 +75,7 @@ class EventRecorder:
             return [event for post in self.posts for event in post["body"]]
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self._post.close()
 
 
 def write_job(job_dir: Path, *, container: str, blob: str, etag: str | None, model_cache: Path,
