@@ -109,3 +109,29 @@ def test_readme_tables_match_the_code():
     text = README.read_text()
     assert render(text, blocks()) == text, "README is out of date: run `python -m tunedrop.readme`"
     assert "TUNEDROP_IDLE_MINUTES" in text and "learning_rate" in text
+
+
+def test_post_receiver_passes_path_lowercased_headers_and_body_and_answers_500_on_a_crash():
+    import urllib.error
+    import urllib.request
+
+    from tunedrop.receiver import PostReceiver
+
+    seen = []
+
+    def handle(path, headers, body):
+        seen.append((path, headers.get("x-mixed-case"), body))
+        if body == b"boom":
+            raise RuntimeError("handler bug")
+        return 202
+
+    with PostReceiver(handle, "/in?x=1") as receiver:
+        def post(body):
+            request = urllib.request.Request(receiver.url, data=body, headers={"X-Mixed-Case": "yes"})
+            try:
+                return urllib.request.urlopen(request, timeout=10).status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert (post(b"hello"), post(b"boom")) == (202, 500)
+    assert seen == [("/in?x=1", "yes", b"hello"), ("/in?x=1", "yes", b"boom")]
