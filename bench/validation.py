@@ -14,8 +14,8 @@ then runs every variant in its own child process and reads that child's peak RSS
                    in plain Python;
 * ``bare-parse`` : the ceiling, a loop that only parses each line with the JSON parser the
                    validator uses (msgspec, into the row's typed shape as the validator does);
-* ``bare-orjson`` : the same loop with orjson (the other fast parser), when installed. The
-                   ratio to the ceiling is taken against the faster of the two.
+* ``bare-orjson`` : the same loop with orjson (the other fast parser), when installed, as a
+                   second, stricter ceiling; the validator's time is shown as a ratio to each.
 
 Figures are printed, never asserted (they depend on the machine).
 """
@@ -213,11 +213,11 @@ def main() -> int:
                 continue
             notes = []
             if v == "tunedrop":
-                bare = min((by[size, b][0] for b in ("bare-parse", "bare-orjson") if (by.get((size, b)) or [None])[0]),
-                           default=None)
+                for b, what in (("bare-parse", "the bare parse with our parser"), ("bare-orjson", "bare orjson")):
+                    bare = (by.get((size, b)) or [None])[0]
+                    if bare:
+                        notes.append(f"{secs / bare:.2f}x {what}")
                 pandas = by.get((size, "pandas"))
-                if bare:
-                    notes.append(f"{secs / bare:.2f}x the fastest bare parse")
                 if pandas and pandas[0]:
                     notes.append(f"{pandas[0] / secs:.1f}x faster than pandas")
             if v.startswith("bare-"):
