@@ -584,10 +584,7 @@ class _Validator:
         self.max_seq_length = max_seq_length
         self.tok_pending: list[tuple[int, list[str]]] = []  # (line, contents) not yet counted
         self.tok_pending_texts = 0
-        self.tok = array("I")  # tokens per example: a reservoir, as for chars
-        self.tok_seen = 0
-        self.tok_min: int | None = None
-        self.tok_max: int | None = None
+        self.tok = _Sizes()  # tokens per example
         self.tok_total = 0
         self.tok_kept = 0  # after truncation to max_seq_length
         self.tok_over = 0
@@ -619,11 +616,7 @@ class _Validator:
         self.in_train = 0
         self.unknown_keys: dict[str, int] = {}
         self.unknown_keys_other = 0
-        self.chars = array("I")
-        self.chars_seen = 0
-        self.chars_min: int | None = None
-        self.chars_max: int | None = None
-        self.rng = random.Random(0x7D)
+        self.chars = _Sizes()  # characters per example
         self.seen = _HashTable(_DEDUP_CAP) if track else None
 
         self.format = "jsonl"
@@ -1053,18 +1046,7 @@ class _Validator:
         rc = self.role_counts
         for r in ROLES:
             rc[r] += roles.count(r)
-        # chars per example: min/max exact, median exact up to _RESERVOIR examples, sampled beyond
-        if self.chars_min is None or chars < self.chars_min:
-            self.chars_min = chars
-        if self.chars_max is None or chars > self.chars_max:
-            self.chars_max = chars
-        self.chars_seen += 1
-        if len(self.chars) < _RESERVOIR:
-            self.chars.append(min(chars, 0xFFFFFFFF))
-        else:
-            k = self.rng.randrange(self.chars_seen)
-            if k < _RESERVOIR:
-                self.chars[k] = min(chars, 0xFFFFFFFF)
+        self.chars.add(chars)
         if self.tokenizer is not None:
             self.tok_pending.append((ln, contents))
             self.tok_pending_texts += len(contents)
@@ -1181,10 +1163,7 @@ class _Validator:
             n = sum(counts[i:i + k]) + _tok_overhead() * k
             i += k
             self.tok_total += n
-            if self.tok_min is None or n < self.tok_min:
-                self.tok_min = n
-            if self.tok_max is None or n > self.tok_max:
-                self.tok_max = n
+            self.tok.add(n)
             if limit and n > limit:
                 self.tok_over += 1
                 if self.tok_first_over is None:
@@ -1193,13 +1172,6 @@ class _Validator:
             else:
                 n_kept = n
             self.tok_kept += n_kept
-            self.tok_seen += 1
-            if len(self.tok) < _RESERVOIR:
-                self.tok.append(min(n, 0xFFFFFFFF))
-            else:
-                j = self.rng.randrange(self.tok_seen)
-                if j < _RESERVOIR:
-                    self.tok[j] = min(n, 0xFFFFFFFF)
 
     def _token_stats(self) -> dict | None:
         if self.tokenizer is None:
@@ -1212,24 +1184,25 @@ class _Validator:
                 "too_long",
                 f"{_plural(self.tok_over, 'example')} (the first on line {first}) "
                 f"{'is' if self.tok_over == 1 else 'are'} longer than max_seq_length={self.max_seq_length:,} tokens "
-                f"(longest: {self.tok_max:,}): {'it' if self.tok_over == 1 else 'they'} will be truncated; shorten or "
+                f"(longest: {self.tok.max:,}): {'it' if self.tok_over == 1 else 'they'} will be truncated; shorten or "
                 f"split {'it' if self.tok_over == 1 else 'them'}, or raise max_seq_length",
                 first, "messages",
             )
-        values = sorted(self.tok)
+        tok = self.tok
+        median, p95 = tok.median_p95()
         return {
             "method": self.tokenizer.method,
             "exact": bool(getattr(self.tokenizer, "exact", False)),
-            "examples": self.tok_seen,
-            "min": self.tok_min,
-            "median": _median(values),
-            "p95": values[min(len(values) - 1, int(0.95 * len(values)))] if values else None,
-            "max": self.tok_max,
+            "examples": tok.seen,
+            "min": tok.min,
+            "median": median,
+            "p95": p95,
+            "max": tok.max,
             "total": self.tok_total,
             "total_kept": self.tok_kept,
             "max_seq_length": self.max_seq_length,
             "over_max_seq_length": self.tok_over,
-            "sampled": self.tok_seen > _RESERVOIR,
+            "sampled": not tok.exact,
         }
 
     # -- the verdict ---------------------------------------------------------------------------
@@ -1257,10 +1230,10 @@ class _Validator:
             "invalid_examples": self.invalid,
             "messages": dict(self.role_counts),
             "chars_per_example": {
-                "min": self.chars_min,
-                "median": _median(self.chars),
-                "max": self.chars_max,
-                "median_exact": self.chars_seen <= _RESERVOIR,
+                "min": self.chars.min,
+                "median": self.chars.median_p95()[0],
+                "max": self.chars.max,
+                "median_exact": self.chars.exact,
             },
             "duplicates": self.duplicates,
             **({"in_train": self.in_train} if self.train is not None else {}),
@@ -1296,16 +1269,52 @@ class _Validator:
             del self.errors[self.max_errors:]
 
 
-def _median(values: array) -> int | float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    n = len(s)
-    mid = n // 2
-    if n % 2:
-        return s[mid]
-    m = (s[mid - 1] + s[mid]) / 2
-    return int(m) if m.is_integer() else m
+class _Sizes:
+    """Per-example sizes (characters, tokens): count, min and max exact; median and p95 exact up
+    to ``capacity`` examples, then from a uniform sample of that many (reservoir sampling, seeded),
+    so memory stays flat however long the file."""
+
+    __slots__ = ("sample", "seen", "min", "max", "capacity", "_rng")
+
+    def __init__(self, capacity: int = _RESERVOIR) -> None:
+        self.sample = array("I")
+        self.seen = 0
+        self.min: int | None = None
+        self.max: int | None = None
+        self.capacity = capacity
+        self._rng = random.Random(0x7D)
+
+    def add(self, n: int) -> None:
+        if not self.seen:
+            self.min = self.max = n
+        elif n < self.min:
+            self.min = n
+        elif n > self.max:
+            self.max = n
+        self.seen += 1
+        n = min(n, 0xFFFFFFFF)
+        if len(self.sample) < self.capacity:
+            self.sample.append(n)
+        else:
+            k = self._rng.randrange(self.seen)
+            if k < self.capacity:
+                self.sample[k] = n
+
+    @property
+    def exact(self) -> bool:
+        """True while every size is in the sample (the median and p95 are exact)."""
+        return self.seen <= self.capacity
+
+    def median_p95(self) -> tuple[int | float | None, int | None]:
+        s = sorted(self.sample)
+        n = len(s)
+        if not n:
+            return None, None
+        mid = n // 2
+        median = s[mid] if n % 2 else (s[mid - 1] + s[mid]) / 2
+        if isinstance(median, float) and median.is_integer():
+            median = int(median)
+        return median, s[min(n - 1, int(0.95 * n))]
 
 
 def _missing_messages_message(obj: dict) -> str:

@@ -429,6 +429,22 @@ def test_stats_chars_median():
     assert s["chars_per_example"] == {"min": 2, "median": 15, "max": 100, "median_exact": True}
 
 
+def test_sizes_keep_min_max_exact_and_sample_uniformly_past_their_capacity():
+    from shared.validation import _Sizes
+
+    sizes = _Sizes(capacity=51)
+    for n in range(10_000):  # ascending: a sample that kept only the first values would sit near 25
+        sizes.add(n)
+    median, p95 = sizes.median_p95()
+    assert (sizes.seen, sizes.min, sizes.max, len(sizes.sample), sizes.exact) == (10_000, 0, 9_999, 51, False)
+    assert 2_500 < median < 7_500 and median < p95 <= 9_999
+    few = _Sizes(capacity=51)
+    for n in (5, 1, 4):
+        few.add(n)
+    assert (few.median_p95(), few.min, few.max, few.exact) == ((4, 5), 1, 5, True)
+    assert _Sizes().median_p95() == (None, None)
+
+
 def test_report_to_dict_shape_and_summary():
     report = validate_chunks([dataset(msgs(U, {"role": "bot", "content": "x"}))], source="train.jsonl")
     d = report.to_dict()
