@@ -24,7 +24,7 @@ import json
 import os
 import random
 from array import array
-from dataclasses import dataclass, field as _dc_field
+from dataclasses import dataclass
 from itertools import islice, repeat
 from operator import eq
 from typing import Any, Iterable, Iterator, Literal

@@ -268,6 +268,15 @@ class AzureMLBackend:
                     "Scientist role on the workspace.", code="forbidden") from exc
             raise BackendError(f"Could not {doing}: {code or status} {message}", code=code or f"http_{status}") from exc
 
+    def _find(self, doing: str, fn):
+        """One SDK get through :meth:`_call`: its result, or None when Azure says it does not exist."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return self._call(doing, fn)
+        except ResourceNotFoundError:
+            return None
+
     # ---- seed steps 2-3: foundation model and compute ---------------------------------------------
 
     def foundation_model(self, name: str | None = None):
@@ -377,12 +386,7 @@ class AzureMLBackend:
     # ---- seed steps 5-6: the pipeline job ---------------------------------------------------------
 
     def _existing_job(self, job_name: str):
-        from azure.core.exceptions import ResourceNotFoundError
-
-        try:
-            return self._call(f"get job {job_name}", lambda: self.workspace.jobs.get(job_name))
-        except ResourceNotFoundError:
-            return None
+        return self._find(f"get job {job_name}", lambda: self.workspace.jobs.get(job_name))
 
     def submit_finetune(self, run, config: TrainingConfig) -> str:
         job_name = job_name_for(run.run_id, run.retries)
@@ -441,11 +445,8 @@ class AzureMLBackend:
     # ---- seed step 7: job status and metrics -------------------------------------------------------
 
     def get_job(self, job_name: str) -> JobInfo:
-        from azure.core.exceptions import ResourceNotFoundError
-
-        try:
-            job = self._call(f"get job {job_name}", lambda: self.workspace.jobs.get(job_name))
-        except ResourceNotFoundError:
+        job = self._existing_job(job_name)
+        if job is None:
             return JobInfo(job_name, JOB_NOT_FOUND, error=f"Job {job_name} does not exist in workspace "
                                                           f"{self.workspace_name}.")
         status = _text(job.status)
@@ -515,14 +516,10 @@ class AzureMLBackend:
     def register_model(self, run) -> ModelRef:
         from azure.ai.ml.constants import AssetTypes
         from azure.ai.ml.entities import Model
-        from azure.core.exceptions import ResourceNotFoundError
 
         name = self.settings.model_name_for(run.base_model).replace("/", "-")
         version = self.model_version_for(run)
-        try:
-            existing = self._call(f"get model {name}:{version}", lambda: self.workspace.models.get(name, version))
-        except ResourceNotFoundError:
-            existing = None
+        existing = self._find(f"get model {name}:{version}", lambda: self.workspace.models.get(name, version))
         if existing is not None:
             owner = (existing.tags or {}).get(RUN_ID_TAG)
             if owner != run.run_id:
@@ -555,12 +552,7 @@ class AzureMLBackend:
                                "one of them and retry the run.", code="instance_type_not_allowed")
 
     def _get_endpoint(self, endpoint_name: str):
-        from azure.core.exceptions import ResourceNotFoundError
-
-        try:
-            return self._call(f"get endpoint {endpoint_name}", lambda: self.workspace.online_endpoints.get(endpoint_name))
-        except ResourceNotFoundError:
-            return None
+        return self._find(f"get endpoint {endpoint_name}", lambda: self.workspace.online_endpoints.get(endpoint_name))
 
     def begin_deploy(self, run, model: ModelRef) -> str:
         from azure.ai.ml.entities import ManagedOnlineEndpoint
@@ -619,8 +611,6 @@ class AzureMLBackend:
                               error_code=code or "deployment_failed")
 
     def get_deployment(self, endpoint_name: str) -> DeploymentInfo:
-        from azure.core.exceptions import ResourceNotFoundError
-
         endpoint = self._get_endpoint(endpoint_name)
         if endpoint is None:
             return DeploymentInfo(DEPLOY_MISSING, error=f"Endpoint {endpoint_name} does not exist.")
@@ -630,10 +620,9 @@ class AzureMLBackend:
                                   "retry the run.", error_code="endpoint_failed")
         if state != "succeeded":
             return DeploymentInfo(DEPLOY_CREATING)
-        try:
-            deployment = self._call(f"get deployment {DEPLOYMENT_NAME}",
-                                    lambda: self.workspace.online_deployments.get(DEPLOYMENT_NAME, endpoint_name))
-        except ResourceNotFoundError:
+        deployment = self._find(f"get deployment {DEPLOYMENT_NAME}",
+                                lambda: self.workspace.online_deployments.get(DEPLOYMENT_NAME, endpoint_name))
+        if deployment is None:
             return self._ensure_deployment(endpoint)
         state = _text(deployment.provisioning_state).lower()
         if state == "succeeded":
