@@ -1,16 +1,21 @@
-"""Azure ML run events from Event Grid -> move the run; on success register and begin deploying.
+"""Azure ML run events: Event Grid -> `job_events` (acknowledge fast) -> queue -> `job_event_worker`.
 
-An exception makes Event Grid deliver the event again (at least once, for up to a day), so only
-errors a retry can cure are raised; events for other jobs, steps or workspaces are acknowledged.
+`job_events` answers Event Grid within its 30 s: it only queues the event (see shared/event_queue.py).
+`job_event_worker` moves the run; on success it registers the model and begins the deployment. An
+exception there makes the host deliver the message again (up to host.json's maxDequeueCount, then
+`<queue>-poison`), so only errors a retry can cure are raised; events for other jobs, steps or
+workspaces are acknowledged.
 """
 
 import logging
 
 import azure.functions as func
 
+from shared.event_queue import RunEventQueue
 from shared.events import RunEvent
 from shared.pipeline import get_pipeline
 from shared.runs import InvalidTransition
+from shared.settings import STORAGE_CONNECTION, Settings
 
 bp = func.Blueprint()
 log = logging.getLogger("tunedrop.functions.job_events")
@@ -19,6 +24,13 @@ log = logging.getLogger("tunedrop.functions.job_events")
 @bp.event_grid_trigger(arg_name="event")
 def job_events(event: func.EventGridEvent) -> None:
     run_event = RunEvent.from_function_event(event)
+    if RunEventQueue(Settings.from_env()).put(run_event):
+        log.info("event %s (%s, job %s): queued", run_event.id, run_event.run_status, run_event.run_id)
+
+
+@bp.queue_trigger(arg_name="msg", queue_name="%TUNEDROP_JOB_EVENTS_QUEUE%", connection=STORAGE_CONNECTION)
+def job_event_worker(msg: func.QueueMessage) -> None:
+    run_event = RunEvent.from_json(msg.get_body())
     try:
         run = get_pipeline().on_run_event(run_event)
     except InvalidTransition as exc:

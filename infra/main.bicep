@@ -30,7 +30,7 @@ param existingWorkspaceSystemTopicName string = ''
 param computeName string = 'gpu-cluster'
 
 @description('VM size of the online deployment (TUNEDROP_AZUREML_INSTANCE_TYPE); needs quota and must be in the model\'s inference_compute_allow_list.')
-param deploymentInstanceType string = 'Standard_NC6s_v3'
+param deploymentInstanceType string = 'Standard_NC24ads_A100_v4'
 
 @description('Created workspace only: GPU cluster VM size (check the model\'s finetune_compute_allow_list and your quota).')
 param gpuClusterVmSize string = 'Standard_NC24ads_A100_v4'
@@ -64,6 +64,9 @@ param instanceMemoryMB int = 2048
 @maxValue(1000)
 param maximumInstanceCount int = 40
 
+@description('Existing workspace only: object id of the managed identity the fine-tune cluster (computeName) runs as, which reads each run\'s data through the datastore; it gets Storage Blob Data Reader on the finetune-data container. Empty: grant it yourself (infra/README.md). A created workspace\'s cluster is granted automatically.')
+param computePrincipalId string = ''
+
 @description('Object id of a user or group that also gets data access to the data account (to drop datasets with az/azcopy). Empty: none.')
 param userPrincipalId string = ''
 
@@ -77,7 +80,9 @@ var quarantineContainer = 'quarantine'
 var deadLetterContainer = 'eventgrid-deadletter'
 var runsTable = 'runs'
 var dataContainer = 'finetune-data'
+var datastoreName = 'tunedrop'
 var webhookQueue = 'webhooks'
+var jobEventsQueue = 'job-events'
 
 var token = toLower(uniqueString(subscription().id, resourceGroup().id, environmentName))
 var tags = { 'azd-env-name': environmentName, app: 'tunedrop' }
@@ -118,6 +123,7 @@ module storage 'modules/storage.bicep' = {
     dataContainer: dataContainer
     runsTable: runsTable
     webhookQueue: webhookQueue
+    jobEventsQueue: jobEventsQueue
     principalId: identity.properties.principalId
     userPrincipalId: userPrincipalId
   }
@@ -172,12 +178,14 @@ module app 'modules/functionapp.bicep' = {
     workspaceId: workspace.outputs.id
     computeName: computeName
     dataContainer: dataContainer
+    datastoreName: datastoreName
     deploymentInstanceType: deploymentInstanceType
     sweepSchedule: sweepSchedule
     trainingContainer: trainingContainer
     quarantineContainer: quarantineContainer
     runsTable: runsTable
     webhookQueue: webhookQueue
+    jobEventsQueue: jobEventsQueue
     appSettingOverrides: appSettingOverrides
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
@@ -211,14 +219,39 @@ module deadLetterRoles 'modules/deadletter-roles.bicep' = {
   }
 }
 
-// The created GPU cluster reads each run's train/test split through the identity datastore.
-// (With an existing workspace, grant the identity its jobs run as the same role: see infra/README.md.)
+// The identity datastore the fine-tune job reads each run's split through (TUNEDROP_AZUREML_DATASTORE),
+// on the data account's finetune-data container, in a created or an existing workspace.
+module datastore 'modules/workspace-datastore.bicep' = {
+  name: 'workspace-datastore'
+  scope: resourceGroup(wsResourceGroup)
+  params: {
+    workspaceName: workspace.outputs.name
+    name: datastoreName
+    dataAccountName: storage.outputs.dataAccountName
+    container: dataContainer
+    dataSubscriptionId: subscription().subscriptionId
+    dataResourceGroup: resourceGroup().name
+  }
+}
+
+// The job reads through the datastore with the compute cluster's managed identity (see
+// modules/workspace-datastore.bicep): the created GPU cluster's, or the one given for an existing workspace.
 module clusterReader 'modules/data-reader.bicep' = if (createWorkspace) {
   name: 'cluster-data-reader'
   params: {
     dataAccountName: dataAccountName
     container: dataContainer
     principalId: workspace.outputs.gpuClusterPrincipalId
+  }
+  dependsOn: [storage]
+}
+
+module existingClusterReader 'modules/data-reader.bicep' = if (!createWorkspace && !empty(computePrincipalId)) {
+  name: 'existing-cluster-data-reader'
+  params: {
+    dataAccountName: dataAccountName
+    container: dataContainer
+    principalId: computePrincipalId
   }
   dependsOn: [storage]
 }
@@ -240,6 +273,7 @@ output AZURE_ML_WORKSPACE_NAME string = workspace.outputs.name
 output AZURE_ML_RESOURCE_GROUP string = wsResourceGroup
 output AZURE_ML_SYSTEM_TOPIC_NAME string = workspace.outputs.systemTopicName
 output AZURE_ML_GPU_CLUSTER_NAME string = computeName
+output TUNEDROP_AZUREML_DATASTORE string = datastore.outputs.name
 output AZURE_KEY_VAULT_NAME string = vault.outputs.name
 output AZURE_FUNCTION_IDENTITY_CLIENT_ID string = identity.properties.clientId
 output AZURE_FUNCTION_IDENTITY_PRINCIPAL_ID string = identity.properties.principalId

@@ -1,15 +1,19 @@
 """Azure ML run events (Event Grid schema), typed: read by `job_events`, sent by the local backend.
 
-Microsoft's own samples spell the data keys both camelCase and PascalCase and `runType` may be
-null, so keys are read case-insensitively and missing ones are tolerated.
+Microsoft's own samples spell the data keys both camelCase and PascalCase, `runType` may be null,
+`runTags` empty and `runStatus` lower case ("failed"), so keys are read case-insensitively, missing
+ones are tolerated and statuses are put in their canonical spelling.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
+
+from shared.backends.base import JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, job_status
 
 RUN_COMPLETED = "Microsoft.MachineLearningServices.RunCompleted"
 RUN_STATUS_CHANGED = "Microsoft.MachineLearningServices.RunStatusChanged"
@@ -18,7 +22,8 @@ RUN_EVENT_TYPES = (RUN_COMPLETED, RUN_STATUS_CHANGED)
 #: Tag put on every fine-tune job so its events lead back to the tunedrop run.
 RUN_ID_TAG = "tunedrop_run_id"
 
-TERMINAL_STATUSES = ("Completed", "Failed", "Canceled")
+#: The statuses an event can end a job with.
+TERMINAL_STATUSES = (JOB_COMPLETED, JOB_FAILED, JOB_CANCELED)
 
 
 def _lower_keys(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -46,6 +51,22 @@ class RunEvent:
             subject=event.subject or "",
             data=data if isinstance(data, Mapping) else {},
         )
+
+    def to_json(self) -> bytes:
+        """The event as one queue message (job_events hands it on to the worker)."""
+        return json.dumps({"id": self.id, "eventType": self.event_type, "topic": self.topic, "subject": self.subject,
+                           "data": dict(self.data)}, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "RunEvent":
+        """From :meth:`to_json`'s bytes, or from one event in the Event Grid schema."""
+        event = json.loads(raw)
+        if not isinstance(event, Mapping):
+            raise ValueError("an event is a JSON object")
+        data = event.get("data")
+        return cls(id=str(event.get("id") or ""), event_type=str(event.get("eventType") or ""),
+                   topic=str(event.get("topic") or ""), subject=str(event.get("subject") or ""),
+                   data=data if isinstance(data, Mapping) else {})
 
     @property
     def _data(self) -> dict[str, Any]:
@@ -89,10 +110,11 @@ class RunEvent:
 
     @property
     def run_status(self) -> str:
-        """`Completed` for RunCompleted; else the reported `runStatus` (e.g. Running, Failed, Canceled)."""
+        """`Completed` for RunCompleted; else the reported `runStatus` in its canonical spelling
+        (Microsoft's sample sends "failed"; this says "Failed")."""
         if self.event_type == RUN_COMPLETED:
-            return "Completed"
-        return str(self._data.get("runstatus") or "")
+            return JOB_COMPLETED
+        return job_status(self._data.get("runstatus"))
 
     @property
     def is_terminal(self) -> bool:
@@ -119,7 +141,7 @@ def run_event(
         "runTags": dict(run_tags),
         "runProperties": dict(run_properties or {}),
     }
-    if status == "Completed":
+    if status == JOB_COMPLETED:
         event_type = RUN_COMPLETED
     else:
         event_type = RUN_STATUS_CHANGED

@@ -23,12 +23,17 @@ from shared import faults, runs
 from shared.backends.base import (
     DEPLOY_CREATING,
     DEPLOY_READY,
+    JOB_CANCELED,
     JOB_COMPLETED,
+    JOB_FAILED,
+    JOB_NOT_FOUND,
     JOB_RUNNING,
     BackendError,
     JobInfo,
     ModelRef,
     get_backend,
+    job_status,
+    run_of_job,
 )
 from shared.events import RunEvent
 from shared.runs import Run, RunStore, utcnow
@@ -365,18 +370,31 @@ class Pipeline:
         if event.topic.lower() != self.settings.workspace_id.lower():
             log.info("event %s: from another workspace (%s), ignored", event.id, event.topic)
             return None
-        run_id = event.tunedrop_run_id
-        run = self.store.find(run_id) if run_id else None
+        run = self.run_for_event(event)
         if run is None:
-            log.info("event %s: job %s is not a tunedrop run, ignored", event.id, event.run_id)
-            return None
-        if event.run_id != run.job_name:
-            log.info("event %s: %s is a child step of %s, ignored", event.id, event.run_id, run.job_name)
+            log.info("event %s: job %s is not a tunedrop run's current job, ignored", event.id, event.run_id)
             return None
         return self._on_job_status(run, event.run_status)
 
+    def run_for_event(self, event: RunEvent) -> Run | None:
+        """The run whose current job the event is about, or None.
+
+        Found by the job's `tunedrop_run_id` tag, or, as Microsoft's samples show events with empty
+        `runTags`, by the job's own name (`tunedrop-<run>`, `-r<n>` for a retry: see
+        :func:`run_of_job`). Either way the event counts only when its job is the run's current job:
+        a pipeline's child steps, a retried run's earlier job and a job that merely looks similar
+        all change nothing.
+        """
+        named = run_of_job(event.run_id)
+        for run_id in dict.fromkeys(filter(None, (event.tunedrop_run_id, named[0] if named else ""))):
+            run = self.store.find(run_id)
+            if run is not None and run.job_name and run.job_name == event.run_id:
+                return run
+        return None
+
     def _on_job_status(self, run: Run, status: str, job: JobInfo | None = None) -> Run | None:
         """Move ``run`` for its job's ``status``; ``job`` when the caller already read it (no second read)."""
+        status = job_status(status)
         if status in ACTIVE_JOB_STATUSES:
             return self._move(run.run_id, runs.RUNNING, "run.running", {"job_name": run.job_name})
         if status == JOB_COMPLETED:
@@ -384,7 +402,7 @@ class Pipeline:
             moved = self._move(run.run_id, runs.SUCCEEDED, "run.succeeded",
                                {"job_name": run.job_name, "metrics": job.metrics}, metrics=job.metrics)
             return self.advance(moved or self.store.get(run.run_id))
-        if status in ("Failed", "Canceled", "NotFound"):
+        if status in (JOB_FAILED, JOB_CANCELED, JOB_NOT_FOUND):
             job = job or self.backend.get_job(run.job_name)
             reason = job.error or f"Job {run.job_name} ended {status}."
             return self._move(run.run_id, runs.FAILED, "run.failed",

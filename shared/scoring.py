@@ -1,8 +1,13 @@
 """Scoring: check the request, route it to the run's endpoint, map what can go wrong to clear answers.
 
-Accepts the seed's Azure ML request (`input_data.input_string` + `parameters`) and the OpenAI
-chat-completions request, so every OpenAI client works. Nothing heavy is imported here: this is
-on the hot path of the `score` function.
+Accepts the seed's Azure ML request (`input_data.input_string` + `parameters`; `input_string` as a
+flat list of messages or as the seed's list holding one conversation, see shared/chat.py) and the
+OpenAI chat-completions request, so every OpenAI client works. Nothing heavy is imported here: this
+is on the hot path of the `score` function.
+
+What reaches an Azure ML endpoint: a seed request is forwarded as it came; an OpenAI request is
+translated into the seed's own request, `{"input_data": {"input_string": [[messages]],
+"parameters": {...}}, "params": {}}` (:func:`openai_to_seed`).
 """
 
 from __future__ import annotations
@@ -15,12 +20,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from shared import runs
+from shared.chat import ChatRequestError, conversation, messages
 from shared.backends.base import BackendError
 
 log = logging.getLogger("tunedrop.scoring")
 
 MAX_BODY_BYTES = 1_048_576
-ROLES = ("system", "user", "assistant")
 #: How often a scored endpoint's last-use time is written (the idle timer needs minutes, not ms).
 LAST_USE_WRITE_EVERY = timedelta(seconds=30)
 SEED_FORMAT = "azureml"
@@ -40,18 +45,6 @@ class ScoreRequestError(ValueError):
         self.status = status
 
 
-def _check_messages(messages, where: str) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise ScoreRequestError(f"{where} must be a non-empty list of messages.")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ScoreRequestError(f"{where}[{i}] must be an object with role and content.")
-        if message.get("role") not in ROLES:
-            raise ScoreRequestError(f"{where}[{i}].role must be one of {', '.join(ROLES)}.")
-        if not isinstance(message.get("content"), str):
-            raise ScoreRequestError(f"{where}[{i}].content must be a string.")
-
-
 def parse_request(body: bytes, fmt: str) -> dict:
     """The request as JSON, checked; raises ScoreRequestError naming the field at fault."""
     if len(body) > MAX_BODY_BYTES:
@@ -62,13 +55,16 @@ def parse_request(body: bytes, fmt: str) -> dict:
         raise ScoreRequestError(f"Body is not valid JSON: {getattr(exc, 'msg', 'bad encoding')}.") from None
     if not isinstance(data, dict):
         raise ScoreRequestError("Body must be a JSON object.")
-    if fmt == OPENAI_FORMAT:
-        _check_messages(data.get("messages"), "messages")
-        return data
-    input_data = data.get("input_data")
-    if not isinstance(input_data, dict):
-        raise ScoreRequestError("input_data must be an object with input_string and parameters.")
-    _check_messages(input_data.get("input_string"), "input_data.input_string")
+    try:
+        if fmt == OPENAI_FORMAT:
+            messages(data.get("messages"), "messages")
+            return data
+        input_data = data.get("input_data")
+        if not isinstance(input_data, dict):
+            raise ScoreRequestError("input_data must be an object with input_string and parameters.")
+        conversation(input_data.get("input_string"))
+    except ChatRequestError as exc:
+        raise ScoreRequestError(f"{exc}.") from None
     parameters = input_data.get("parameters", {})
     if not isinstance(parameters, dict):
         raise ScoreRequestError("input_data.parameters must be an object.")
@@ -174,8 +170,9 @@ def openai_to_seed(request: dict) -> dict:
             parameters[ours] = request[theirs]
     if parameters.get("temperature") == 0:
         parameters["do_sample"] = False
-    messages = [{"role": m["role"], "content": m["content"]} for m in request["messages"]]
-    return {"input_data": {"input_string": messages, "parameters": parameters}, "params": {}}
+    # The seed's own shape: a list holding the one conversation (shared/chat.py).
+    return {"input_data": {"input_string": [messages(request["messages"], "messages")], "parameters": parameters},
+            "params": {}}
 
 
 def seed_to_openai(answer, request: dict) -> dict:

@@ -49,6 +49,13 @@ class Settings:
         "Outbox queue of webhooks; undeliverable ones end in `<name>-poison`.",
         "TUNEDROP_WEBHOOK_QUEUE",
     )
+    job_events_queue: str = _setting(
+        "job-events",
+        "Queue between the `job_events` Event Grid trigger, which only queues each run event (Event Grid "
+        "gives up on answers slower than 30 s), and `job_event_worker`, which acts on it; events that keep "
+        "failing end in `<name>-poison`.",
+        "TUNEDROP_JOB_EVENTS_QUEUE",
+    )
     webhook_urls: tuple[str, ...] = _setting(
         (), "Comma-separated URLs that receive run webhooks. Empty: no webhooks.", "TUNEDROP_WEBHOOK_URLS"
     )
@@ -195,10 +202,19 @@ class Settings:
         "as `<run id>/train.jsonl` and `<run id>/test.jsonl`.",
         "TUNEDROP_AZUREML_DATA_CONTAINER",
     )
+    azureml_gpus_per_node: int = _setting(
+        0,
+        "Azure ML: GPUs per node of the fine-tune cluster's VM size. 0: from tunedrop's table of Azure GPU sizes "
+        "(the seed asked `compute.list_sizes()`, which needs a subscription-wide role); set it for a size the "
+        "table lacks.",
+        "TUNEDROP_AZUREML_GPUS_PER_NODE",
+    )
     azureml_instance_type: str = _setting(
-        "Standard_NC6s_v3",
-        "Azure ML: VM size of the online deployment (seed: Standard_NC6s_v3); checked against the model's "
-        "`inference_compute_allow_list`.",
+        "Standard_NC24ads_A100_v4",
+        "Azure ML: VM size of the online deployment. The seed's Standard_NC6s_v3 was retired on 2025-09-30 "
+        "(NCv3); this default is the smallest current size in Phi-3-mini-4k-instruct's "
+        "`inference_compute_allow_list` (1 A100). Checked against the base model's allow list when a dataset "
+        "is accepted, before any GPU time is spent, and again before deploying.",
         "TUNEDROP_AZUREML_INSTANCE_TYPE",
     )
     azureml_instance_count: int = _setting(
@@ -296,6 +312,8 @@ class Settings:
             self.workspace_scope  # noqa: B018 - raises a SettingsError naming the fix
             if self.azureml_instance_count < 1:
                 raise SettingsError("TUNEDROP_AZUREML_INSTANCE_COUNT must be at least 1.")
+            if self.azureml_gpus_per_node < 0:
+                raise SettingsError("TUNEDROP_AZUREML_GPUS_PER_NODE must be 0 (from the size) or more.")
         if self.webhook_urls and not self.webhook_secret.startswith("whsec_"):
             raise SettingsError(
                 "TUNEDROP_WEBHOOK_URLS is set but TUNEDROP_WEBHOOK_SECRET is missing or lacks the "
@@ -323,7 +341,7 @@ def _convert(f, raw: str):
 
 
 #: Settings the function bindings name as `%SETTING%`: the host needs each one set.
-BINDING_SETTINGS = ("training_container", "webhook_queue", "sweep_schedule")
+BINDING_SETTINGS = ("training_container", "webhook_queue", "job_events_queue", "sweep_schedule")
 
 
 def binding_environment(settings: "Settings") -> dict[str, str]:

@@ -1,7 +1,9 @@
-"""An azure.core transport answering Azure ML's REST calls with recorded-shaped JSON, by method + URL pattern.
+"""An azure.core transport answering Azure ML's REST calls by method + URL pattern, with responses
+Microsoft recorded (tests/azureml_recordings.py).
 
 The SDK (azure-ai-ml) runs for real above it: entity building, validation, serialisation, error mapping.
-Every request is kept (method, URL, JSON body) so tests assert what would have gone to Azure.
+Every request is kept (method, URL, JSON body) so tests assert what would have gone to Azure. A request
+no route answers gets Azure ML's recorded 404 (a missing model container), as the service would.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from azure.core.pipeline.transport import RequestsTransport, RequestsTransportRe
 from azure.core.pipeline.transport._requests_basic import _is_rest
 from azure.core.rest._requests_basic import RestRequestsTransportResponse
 
-SHAPES = json.loads((Path(__file__).parent / "data" / "azureml" / "arm.json").read_text())
+from tests.azureml_recordings import answer as recorded_answer
+
+#: The azureml registry's chat_completion_pipeline component version. No recording holds it: the REST
+#: envelope of a recorded registry component with this component's inputs (tests/data/azureml/recordings/README.md).
+PIPELINE_COMPONENT = json.loads((Path(__file__).parent / "data" / "azureml" / "chat_completion_pipeline.json").read_text())
 
 
 def _jwt(scope: str = "https://management.azure.com/.default") -> str:
@@ -78,7 +84,7 @@ class AzureMLTransport(RequestsTransport):
         except ValueError:
             body = raw
         self.requests.append((request.method, request.url, body))
-        status, payload, headers = error(404, "NotFound", f"No route for {request.method} {request.url}")
+        status, payload, headers = recorded_answer("model_version", "GET", 404)
         for method, pattern, answer in self.routes:
             if method == request.method and pattern.search(request.url):
                 result = answer(request, body) if callable(answer) else answer

@@ -33,6 +33,7 @@ def storage_env(azurite, monkeypatch, tmp_path):
         "TUNEDROP_QUARANTINE_CONTAINER": f"quarantine-{suffix}",
         "TUNEDROP_RUNS_TABLE": f"runs{suffix}",
         "TUNEDROP_WEBHOOK_QUEUE": f"webhooks-{suffix}",
+        "TUNEDROP_JOB_EVENTS_QUEUE": f"job-events-{suffix}",
         "TUNEDROP_STATE_DIR": str(tmp_path / "state"),
     }
     for key, value in env.items():

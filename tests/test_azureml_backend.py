@@ -7,9 +7,11 @@ have been sent. Storage (the train/test split, the deployment record, the run st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+from pathlib import Path
 from datetime import datetime, timezone
 
 import pytest
@@ -30,89 +32,123 @@ from shared.runs import Run
 from shared.settings import Settings
 from shared.storage import default_storage
 from shared.training import TrainingConfig
-from tests.azureml_transport import SHAPES, AzureMLTransport, StaticCredential, error
+from tests.azureml_recordings import RECORDED_WSID, answer, body
+from tests.azureml_transport import PIPELINE_COMPONENT, AzureMLTransport, StaticCredential, error
 
-WSID = SHAPES["workspace_id"]
+WSID = RECORDED_WSID
 ARM = re.escape(WSID)
 MODEL = "Phi-3-mini-4k-instruct"
-TRACKING = "https://eastus.api.azureml.ms/mlflow/v1.0" + WSID + "/api/2.0/mlflow"
+TRACKING = "https://westus.api.azureml.ms/mlflow/v1.0" + WSID + "/api/2.0/mlflow"
+#: Phi-3-mini-4k-instruct's tags in the azureml registry as Microsoft last published them with allow
+#: lists (Azure/azureml-assets assets/models/system/phi-3-mini-4k-instruct/spec.yaml at c27704cd66a1,
+#: version 15), list tags as the registry returns them: Python literals the seed reads with
+#: ast.literal_eval. See tests/data/azureml/phi3-model-tags.md.
+PHI3_INFERENCE = ["Standard_NC6s_v3", "Standard_NC12s_v3", "Standard_NC24s_v3", "Standard_ND40rs_v2",
+                  "Standard_NC24ads_A100_v4", "Standard_NC48ads_A100_v4", "Standard_ND96asr_v4",
+                  "Standard_ND96amsr_A100_v4", "Standard_NC96ads_A100_v4"]
+PHI3_FINETUNE = ["Standard_NC24ads_A100_v4", "Standard_NC48ads_A100_v4", "Standard_NC96ads_A100_v4",
+                 "Standard_ND96asr_v4", "Standard_ND96amsr_A100_v4"]
+PHI3_TAGS = {"task": "chat-completion", "author": "Microsoft", "license": "MIT",
+             "inference_compute_allow_list": repr(PHI3_INFERENCE), "finetune_compute_allow_list": repr(PHI3_FINETUNE),
+             "model_specific_defaults": repr({"apply_deepspeed": "true", "deepspeed_stage": 2, "apply_lora": "true",
+                                              "apply_ort": "false", "precision": 16, "ignore_mismatched_sizes": "false",
+                                              "num_train_epochs": 1, "per_device_train_batch_size": 1,
+                                              "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
+                                              "learning_rate": 5e-6, "lr_scheduler_type": "cosine",
+                                              "logging_strategy": "steps", "logging_steps": 10, "save_total_limit": 1})}
+RECORDED_MODEL = "test_267902544371"  # the registry model of the recorded session
 
 
-def registry_model(tags: dict | None = None) -> dict:
-    shape = json.loads(json.dumps(SHAPES["foundation_model"]["value"][0]))
-    if tags is not None:
-        shape["properties"]["tags"] = tags
-    return shape
+def registry_model(tags: dict | None = None, name: str = MODEL) -> dict:
+    """The recorded registry model version, as the azureml registry's Phi-3-mini-4k-instruct version 15."""
+    def edit(b):
+        b["properties"]["tags"] = PHI3_TAGS if tags is None else tags
+    return body("registry_model_get", "GET", 200, r"/models/[^/]+/versions/2$",
+                rename={RECORDED_MODEL: name, "testfeed": "azureml", "testFeed": "azureml", "/versions/2": "/versions/15"},
+                edit=edit)
 
 
-def compute(size: str = "STANDARD_NC24ADS_A100_V4", state: str = "Succeeded") -> dict:
-    shape = json.loads(json.dumps(SHAPES["compute"]))
-    shape["properties"]["properties"]["vmSize"] = size
-    shape["properties"]["provisioningState"] = state
-    return shape
+def compute(size: str = "STANDARD_NC24ADS_A100_V4", state: str = "Succeeded", name: str = "gpu-a100") -> dict:
+    def edit(b):
+        b["properties"]["properties"]["vmSize"] = size
+        b["properties"]["provisioningState"] = state
+    return body("compute_get", "GET", 200, r"/computes/test49208482942$", rename={"test49208482942": name}, edit=edit)
 
 
 def put_echo(status: int = 200, headers: dict | None = None):
     """A PUT answered with its own body plus what the service adds (id, name, systemData), as ARM does."""
-    def answer(request, body):
-        path = request.url.split("https://management.azure.com", 1)[-1].split("?", 1)[0]
-        body = json.loads(json.dumps(body or {}))
+    system_data = body("workspace_get", "GET", 200, r"/workspaces/00000$")["systemData"]
+
+    def answer(request, sent):
+        path = request.url.split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0]
+        sent = json.loads(json.dumps(sent or {}))
         if "/models/" in path:
-            body["properties"].setdefault("flavors", {})
-            body["properties"].setdefault("stage", "Development")
-        return status, {**body, "id": path, "name": path.rsplit("/", 1)[-1],
-                        "systemData": SHAPES["compute"]["systemData"]}, headers or {}
+            sent["properties"].setdefault("flavors", {})
+            sent["properties"].setdefault("stage", "Development")
+        return status, {**sent, "id": "/" + path, "name": path.rsplit("/", 1)[-1], "systemData": system_data}, headers or {}
     return answer
 
 
 def job(name: str, status: str) -> dict:
-    return {"id": f"{WSID}/jobs/{name}", "name": name, "type": "Microsoft.MachineLearningServices/workspaces/jobs",
-            "systemData": SHAPES["compute"]["systemData"],
-            "properties": {"jobType": "Pipeline", "status": status, "displayName": "x", "experimentName": "exp",
-                           "tags": {}, "properties": {}, "inputs": {}, "outputs": {}, "jobs": {}, "settings": {},
-                           "isArchived": False,
-                           "services": {"Studio": {"endpoint": f"https://ml.azure.com/runs/{name}", "jobServiceType": "Studio"}}}}
+    """The recorded pipeline job (a GET of a running, then failed one), as ``name`` in ``status``."""
+    def edit(b):
+        b["properties"]["status"] = status
+    return body("job_get", "GET", 200, r"/jobs/test_680454434153$", rename={"test_680454434153": name}, edit=edit)
+
+
+RECORDED_ENDPOINT = "online-ept-6696557f8dec409"
 
 
 def endpoint(name: str, state: str = "Succeeded", tags: dict | None = None, traffic: dict | None = None) -> dict:
-    return {"id": f"{WSID}/onlineEndpoints/{name}", "name": name, "location": "eastus",
-            "type": "Microsoft.MachineLearningServices/workspaces/onlineEndpoints", "tags": tags or {},
-            "identity": {"type": "SystemAssigned", "principalId": "p", "tenantId": "t"}, "kind": "Managed",
-            "systemData": SHAPES["compute"]["systemData"],
-            "properties": {"authMode": "Key", "provisioningState": state, "traffic": traffic or {}, "mirrorTraffic": {},
-                           "scoringUri": f"https://{name}.eastus.inference.ml.azure.com/score",
-                           "swaggerUri": f"https://{name}.eastus.inference.ml.azure.com/swagger.json",
-                           "publicNetworkAccess": "Enabled", "properties": {}}}
+    """The recorded endpoint GET (after creation), as ``name`` with key auth, in ``state``."""
+    def edit(b):
+        b["properties"].update(provisioningState=state, authMode="Key", traffic=traffic or {})
+        b["tags"] = tags or {}
+    return body("online_endpoint", "GET", 200, rf"/onlineEndpoints/{RECORDED_ENDPOINT}$",
+                rename={RECORDED_ENDPOINT: name}, edit=edit)
 
 
 def deployment(endpoint_name: str, state: str) -> dict:
-    return {"id": f"{WSID}/onlineEndpoints/{endpoint_name}/deployments/demo", "name": "demo", "location": "eastus",
-            "type": "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments", "tags": {},
-            "kind": "Managed", "sku": {"name": "Default", "capacity": 1}, "systemData": SHAPES["compute"]["systemData"],
-            "properties": {"endpointComputeType": "Managed", "provisioningState": state, "instanceType": "Standard_NC6s_v3",
-                           "model": f"{WSID}/models/m/versions/1", "properties": {},
-                           "scaleSettings": {"scaleType": "Default"},
-                           "livenessProbe": {"initialDelay": "PT10M", "period": "PT10S", "timeout": "PT2S",
-                                             "failureThreshold": 30, "successThreshold": 1},
-                           "requestSettings": {"requestTimeout": "PT1M30S", "maxConcurrentRequestsPerInstance": 1}}}
+    def edit(b):
+        b["properties"]["provisioningState"] = state
+    return body("online_deployment", "GET", 200, r"/deployments/online-dpm-b0249d5411f7413$",
+                rename={"online-ept-a2eef48db44f4a9": endpoint_name, "online-dpm-b0249d5411f7413": "demo"}, edit=edit)
+
+
+def recorded(name: str, method: str, status: int | None = None, path: str = "", **kwargs):
+    return lambda request, sent: answer(name, method, status, path, **kwargs)
+
+
+def recorded_deployment_put(endpoint_name: str):
+    return recorded("online_deployment", "PUT", 201, rename={"online-ept-a2eef48db44f4a9": endpoint_name,
+                                                             "online-dpm-b0249d5411f7413": "demo"})
+
+
+def recorded_not_found():
+    """Azure ML's 404 for a resource that does not exist (recorded for a datastore; the same service
+    answers every workspace resource: tests/data/azureml/recordings/README.md)."""
+    return recorded("datastore", "GET", 404)
 
 
 @pytest.fixture
 def transport():
     t = AzureMLTransport()
-    t.on("GET", r"/registries/azureml/discovery", SHAPES["registry_discovery"])
-    t.on("GET", rf"/registries/azureml/models/{MODEL}/versions\?", SHAPES["foundation_model"])
+    registry = {"testFeed": "azureml", "testfeed": "azureml"}
+    t.on("GET", r"/registries/azureml/discovery", recorded("registry_discovery", "GET", 200, rename=registry))
+    t.on("GET", rf"/registries/azureml/models/{MODEL}/versions\?", {"value": [registry_model()]})
     t.on("GET", rf"/registries/azureml/models/{MODEL}/versions/15\?", registry_model())
-    t.on("GET", r"/registries/azureml/components/chat_completion_pipeline/versions\?", SHAPES["pipeline_component"])
+    # No recording holds the azureml registry's chat_completion_pipeline (tests/data/azureml/recordings/README.md).
+    t.on("GET", r"/registries/azureml/components/chat_completion_pipeline/versions\?", PIPELINE_COMPONENT)
     t.on("GET", r"/registries/azureml/components/chat_completion_pipeline/versions/0.0.57\?",
-         SHAPES["pipeline_component"]["value"][0])
+         PIPELINE_COMPONENT["value"][0])
     t.on("GET", rf"{ARM}/computes/gpu-a100\?", compute())
-    t.on("GET", rf"{ARM}\?", SHAPES["workspace"])
-    t.on("GET", r"/locations/eastus/vmSizes", SHAPES["vm_sizes"])
+    t.on("GET", rf"{ARM}\?", recorded("workspace_get", "GET", 200, r"/workspaces/00000$"))
+    t.on("GET", rf"{ARM}/datastores/tunedrop\?", recorded("datastore", "GET", 200, r"/datastores/test_318669269601$",
+                                                          rename={"test_318669269601": "tunedrop"}))
     t.on("PUT", rf"{ARM}/jobs/", put_echo(201))
-    t.on("PUT", rf"{ARM}/models/", put_echo(200))
-    t.on("GET", r"/mfeOperationsStatus/", {"status": "Succeeded"})
-    t.on("GET", r"/onlineEndpoints/[^/?]+/deployments\?", {"value": []})  # an endpoint's deployment list
+    t.on("PUT", rf"{ARM}/models/", put_echo(201))
+    t.on("GET", r"/mfeOperationsStatus/", recorded("online_endpoint", "GET", 200, r"/mfeOperationsStatus/.*5b3886840537$"))
+    t.on("GET", r"/onlineEndpoints/[^/?]+/deployments\?", recorded("online_endpoint", "GET", 200, r"/deployments$"))
     return t
 
 
@@ -153,10 +189,10 @@ def test_submit_builds_the_seed_pipeline_job(backend, transport, settings):
     assert backend.submit_finetune(run, TrainingConfig()) == f"tunedrop-{run.run_id}"
 
     ((_, url, body),) = transport.calls("PUT", r"/jobs/")
-    assert url.split("?")[0].endswith(f"/workspaces/ml-ws/jobs/tunedrop-{run.run_id}")
+    assert url.split("?")[0].endswith(f"/workspaces/00000/jobs/tunedrop-{run.run_id}")
     props = body["properties"]
     assert props["experimentName"] == f"chat_completion_{MODEL}"
-    assert props["displayName"] == f"{MODEL}-ultrachat-bs1-cosine-ds2-lora-save_limit-1-seqlen-1"
+    assert props["displayName"] == f"{MODEL}-ultrachat-bs1-cosine-ds2-lora-save_limit1-seqlen-1"
     assert props["tags"][RUN_ID_TAG] == run.run_id
     assert props["settings"]["force_rerun"] is True and props["settings"]["continue_on_step_failure"] is False
     assert props["outputs"] == {"trained_model": {"mode": "ReadWriteMount", "jobOutputType": "mlflow_model"}}
@@ -171,9 +207,11 @@ def test_submit_builds_the_seed_pipeline_job(backend, transport, settings):
         "compute_model_evaluation": "gpu-a100",
         "train_file_path": f"{store}/train.jsonl", "test_file_path": f"{store}/test.jsonl",
         "number_of_gpu_to_use_finetuning": "1",
-        "num_train_epochs": "3", "per_device_train_batch_size": "1", "per_device_eval_batch_size": "1",
-        "learning_rate": "5e-06", "lr_scheduler_type": "cosine",
-        "apply_lora": "true", "apply_deepspeed": "true", "deepspeed_stage": "2",
+        # The seed's parameters, then Phi-3's model_specific_defaults (num_train_epochs 1, save_total_limit 1,
+        # ...); the defaults the component takes no input for (precision, logging_steps, ...) are left out.
+        "num_train_epochs": "1", "per_device_train_batch_size": "1", "per_device_eval_batch_size": "1",
+        "learning_rate": "5e-06", "lr_scheduler_type": "cosine", "gradient_accumulation_steps": "1",
+        "save_total_limit": "1", "apply_lora": "true", "apply_deepspeed": "true", "deepspeed_stage": "2",
     }
     # The split: every example once, deterministic, in the data container the datastore points at.
     data = default_storage().blob_service.get_container_client(settings.azureml_data_container)
@@ -218,6 +256,66 @@ def test_compute_checks_as_the_seed(backend, transport, tags, size, state, code)
         backend.check_compute(model)
     assert caught.value.code == code and not caught.value.retryable
     assert "TUNEDROP_AZUREML_FINETUNE_COMPUTE" in str(caught.value)
+
+
+@pytest.mark.parametrize("size, setting, gpus", [
+    ("STANDARD_NC96ADS_A100_V4", 0, 4),  # from the table, whatever the casing
+    ("Standard_ND96amsr_A100_v4", 0, 8),
+    ("Standard_NC48ads_A100_v4", 3, 3),  # the setting wins
+])
+def test_gpus_per_node_come_from_the_size_table_never_from_a_subscription_wide_call(backend, transport, settings,
+                                                                                     size, setting, gpus):
+    transport.on("GET", rf"{ARM}/computes/gpu-a100\?", compute(size))
+    backend.settings = dataclasses.replace(settings, azureml_gpus_per_node=setting)
+    assert backend.check_compute(backend.foundation_model()) == ("gpu-a100", gpus)
+    # The seed's compute.list_sizes() reads /subscriptions/{id}/providers/.../locations/{region}/vmSizes,
+    # which the app's workspace-scoped roles do not reach (tests/test_permissions.py).
+    assert transport.calls("GET", r"/vmSizes") == []
+
+
+def test_a_size_the_table_lacks_names_the_setting_that_fixes_it(backend, transport):
+    transport.on("GET", rf"/models/{MODEL}/versions/15\?", registry_model({"task": "chat-completion"}))
+    transport.on("GET", rf"{ARM}/computes/gpu-a100\?", compute("Standard_NC999_future_v9"))
+    with pytest.raises(BackendError) as caught:
+        backend.check_compute(backend.foundation_model())
+    assert caught.value.code == "compute_no_gpus" and "TUNEDROP_AZUREML_GPUS_PER_NODE" in str(caught.value)
+
+
+def test_the_default_deployment_size_is_current_and_allowed_for_phi3(settings):
+    from shared.backends.gpu_sizes import gpus_per_node
+
+    default = Settings().azureml_instance_type
+    assert default in PHI3_INFERENCE and gpus_per_node(default) >= 1
+    retired = ("standard_nc6s_v3", "standard_nc12s_v3", "standard_nc24s_v3", "standard_nc24rs_v3")  # NCv3, 2025-09-30
+    assert default.lower() not in retired
+
+
+def test_a_deployment_size_the_model_does_not_allow_fails_the_dataset_before_any_job(backend, transport, settings):
+    backend.settings = dataclasses.replace(settings, azureml_instance_type="Standard_NC4as_T4_v3")
+    run = stored_run(settings)
+    with pytest.raises(BackendError) as caught:
+        backend.submit_finetune(run, TrainingConfig())
+    assert caught.value.code == "instance_type_not_allowed" and not caught.value.retryable
+    message = str(caught.value)
+    assert "Standard_NC4as_T4_v3" in message and all(size in message for size in PHI3_INFERENCE)
+    assert transport.calls("PUT", r"/jobs/") == []  # no GPU time spent
+    # The registry moved the lists to system metadata (azureml-assets #5150): read there too.
+    from azure.ai.ml.entities import Model
+
+    as_entity = Model(name=MODEL, version="15", path="azureml://x", system_metadata={
+        "supportedComputes": {"inferenceComputes": PHI3_INFERENCE, "finetuneComputes": PHI3_FINETUNE}})
+    with pytest.raises(BackendError) as moved:
+        backend.check_instance_type(as_entity)
+    assert moved.value.code == "instance_type_not_allowed"
+    backend.check_instance_type(Model(name=MODEL, version="15", path="azureml://x"))  # no list anywhere: as the seed
+
+
+def test_a_missing_datastore_fails_the_dataset_at_once_with_the_fix(backend, transport, settings):
+    transport.on("GET", rf"{ARM}/datastores/tunedrop\?", recorded_not_found())
+    with pytest.raises(BackendError) as caught:
+        backend.submit_finetune(stored_run(settings), TrainingConfig())
+    assert caught.value.code == "datastore_missing" and "azd provision" in str(caught.value)
+    assert transport.calls("PUT", r"/jobs/") == []
 
 
 def test_a_missing_cluster_and_throttling_are_told_apart(backend, transport):
@@ -283,9 +381,8 @@ def test_completion_event_registers_once_and_starts_the_endpoint(backend, transp
     transport.on("GET", rf"{ARM}/jobs/{job_name}\?", job(job_name, "Completed"))
     mlflow_routes(transport, job_name)
     ep = endpoint_name_for(run.run_id)
-    transport.on("PUT", rf"{ARM}/onlineEndpoints/{ep}\?", put_echo(201, {
-        "Azure-AsyncOperation": "https://management.azure.com/subscriptions/s/providers/Microsoft.MachineLearningServices"
-                                "/locations/eastus/mfeOperationsStatus/oe:1?api-version=2022-02-01-preview"}))
+    transport.on("PUT", rf"{ARM}/onlineEndpoints/{ep}\?", recorded("online_endpoint", "PUT", 201,
+                                                                 rename={RECORDED_ENDPOINT: ep}))
 
     # A child step's completion and an unrelated job's change nothing.
     assert pipeline.on_run_event(grid("Completed", "ft-step", run.run_id)) is None
@@ -334,22 +431,24 @@ def test_the_deployment_starts_when_the_endpoint_is_ready_and_traffic_follows(ba
     assert backend.get_deployment(ep).state == DEPLOY_CREATING
     transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}\?", endpoint(ep, "Succeeded", tags))
     transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}/deployments\?", {"value": []})
-    transport.on("PUT", rf"{ARM}/onlineEndpoints/{ep}/deployments/demo\?", put_echo(201))
+    transport.on("PUT", rf"{ARM}/onlineEndpoints/{ep}/deployments/demo\?", recorded_deployment_put(ep))
     assert backend.get_deployment(ep).state == DEPLOY_CREATING
     ((_, _, body),) = transport.calls("PUT", r"/deployments/demo")
     props = body["properties"]
-    assert props["instanceType"] == "Standard_NC6s_v3" and body["sku"]["capacity"] == 1
+    assert props["instanceType"] == "Standard_NC24ads_A100_v4" and body["sku"]["capacity"] == 1
     assert props["model"] == f"{WSID}/models/m/versions/1"
     assert props["livenessProbe"]["initialDelay"] == "PT10M" and props["requestSettings"]["requestTimeout"] == "PT1M30S"
     transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}/deployments/demo\?", deployment(ep, "Succeeded"))
     assert backend.get_deployment(ep).state == DEPLOY_READY
-    transport.on("PUT", rf"{ARM}/onlineEndpoints/{ep}\?", put_echo(200))
+    transport.on("PUT", rf"{ARM}/onlineEndpoints/{ep}\?", recorded("online_endpoint", "PUT", 201,
+                                                                 rename={RECORDED_ENDPOINT: ep}))
     backend.activate(ep)
     assert transport.calls("PUT", rf"/onlineEndpoints/{ep}\?")[-1][2]["properties"]["traffic"] == {"demo": 100}
-    transport.on("DELETE", rf"{ARM}/onlineEndpoints/{ep}\?", (202, None, {}))
+    transport.on("DELETE", rf"{ARM}/onlineEndpoints/{ep}\?", recorded("online_endpoint", "DELETE", 202,
+                                                                    rename={RECORDED_ENDPOINT: ep}))
     backend.delete_endpoint(ep)
     assert transport.calls("DELETE", rf"/onlineEndpoints/{ep}\?")
-    transport.on("DELETE", rf"{ARM}/onlineEndpoints/{ep}\?", error(404, "NotFound"))
+    transport.on("DELETE", rf"{ARM}/onlineEndpoints/{ep}\?", recorded_not_found())
     backend.delete_endpoint(ep)  # already gone: not an error
 
 
@@ -369,12 +468,13 @@ def test_each_deployment_error_is_mapped_to_its_fix(backend, transport, code, fi
     if when == "at_put":
         transport.on("PUT", rf"/deployments/demo\?", error(400, code, message))
     else:
-        op = ("https://management.azure.com/subscriptions/s/providers/Microsoft.MachineLearningServices/locations/eastus"
-              "/mfeOperationsStatus/od:1?api-version=2022-02-01-preview")
-        transport.on("PUT", rf"/deployments/demo\?", put_echo(201, {"Azure-AsyncOperation": op}))
-        transport.on("GET", r"/mfeOperationsStatus/od:1", {"status": "InProgress"})
+        # The recorded PUT's Azure-AsyncOperation URL is where the operation's error will be.
+        transport.on("PUT", rf"/deployments/demo\?", recorded_deployment_put(ep))
+        status = r"/mfeOperationsStatus/odidp:5881e5dc"
+        transport.on("GET", status, recorded("online_deployment", "GET", 200, status))  # "Updating"
         assert backend.get_deployment(ep).state == DEPLOY_CREATING
-        transport.on("GET", r"/mfeOperationsStatus/od:1", {"status": "Failed", "error": {"code": code, "message": message}})
+        transport.on("GET", status, recorded("online_deployment", "GET", 200, status, edit=lambda b: b.update(
+            status="Failed", error={"code": code, "message": message})))
         transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}/deployments/demo\?", deployment(ep, "Failed"))
     info = backend.get_deployment(ep)
     assert info.state == DEPLOY_FAILED and info.error_code == code
@@ -388,9 +488,10 @@ def test_scoring_target_uses_the_key_cached_with_an_expiry(backend, transport):
     ep = "td-chat-0123456789"
     transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}\?", endpoint(ep))
     transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}/deployments\?", {"value": []})
-    transport.on("POST", rf"{ARM}/onlineEndpoints/{ep}/listKeys\?", {"primaryKey": "k-primary", "secondaryKey": "k-2"})
+    transport.on("POST", rf"{ARM}/onlineEndpoints/{ep}/listKeys\?", recorded("online_endpoint", "POST", 200, r"/listKeys$",
+                                                                            edit=lambda b: b.update(primaryKey="k-primary")))
     target = backend.scoring_target(ep)
-    assert target.url == f"https://{ep}.eastus.inference.ml.azure.com/score" and target.key == "k-primary"
+    assert target.url == f"https://{ep}.westus.inference.ml.azure.com/score" and target.key == "k-primary"
     assert target.headers == {"azureml-model-deployment": "demo"} and "k-primary" not in repr(target)
     backend.scoring_target(ep)
     assert len(transport.calls("POST", r"/listKeys")) == 1
@@ -412,7 +513,8 @@ def test_score_sends_the_seed_request_with_the_key_and_maps_endpoint_failures(ba
     pipeline.store.transition(run.run_id, runs.DEPLOYING, endpoint_name=ep)
     pipeline.store.transition(run.run_id, runs.DEPLOYED)
     transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}\?", endpoint(ep))
-    transport.on("POST", rf"{ARM}/onlineEndpoints/{ep}/listKeys\?", {"primaryKey": "k-primary", "secondaryKey": "k-2"})
+    transport.on("POST", rf"{ARM}/onlineEndpoints/{ep}/listKeys\?", recorded("online_endpoint", "POST", 200, r"/listKeys$",
+                                                                            edit=lambda b: b.update(primaryKey="k-primary")))
     seen, answers = [], [httpx.Response(200, json={"output": "Oslo."})]
 
     def endpoint_app(request: httpx.Request) -> httpx.Response:
@@ -428,11 +530,11 @@ def test_score_sends_the_seed_request_with_the_key_and_maps_endpoint_failures(ba
     reply = scorer.score(run.run_id, body, OPENAI_FORMAT)
     assert reply.status == 200 and reply.body["choices"][0]["message"]["content"] == "Oslo."
     (request,) = seen
-    assert str(request.url) == f"https://{ep}.eastus.inference.ml.azure.com/score"
+    assert str(request.url) == f"https://{ep}.westus.inference.ml.azure.com/score"
     assert request.headers["authorization"] == "Bearer k-primary"
     assert request.headers["azureml-model-deployment"] == "demo"
     assert json.loads(request.content) == {"input_data": {
-        "input_string": [{"role": "user", "content": "Capital of Norway?"}],
+        "input_string": [[{"role": "user", "content": "Capital of Norway?"}]],
         "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 50}}, "params": {}}
     answers[:] = [httpx.Response(429, headers={"Retry-After": "7"}), httpx.Response(503),
                   httpx.ReadTimeout("slow"), httpx.Response(500)]
@@ -486,7 +588,7 @@ def test_the_handlers_get_the_azureml_backend_from_the_settings_without_touching
     backend = get_pipeline().backend
     assert isinstance(backend, AzureMLBackend) and backend.name == "azureml"
     assert (backend.subscription_id, backend.resource_group, backend.workspace_name) == \
-        (SHAPES["subscription"], SHAPES["resource_group"], "ml-ws")
+        ("00000000-0000-0000-0000-000000000", "00000", "00000")
     assert backend._clients == {}  # clients are made on first use, never at start-up
     monkeypatch.setenv("TUNEDROP_WORKSPACE_ID", "/subscriptions/x/resourceGroups/y")
     from shared.settings import SettingsError
@@ -520,3 +622,71 @@ def test_a_per_run_base_model_is_looked_up_in_the_registry(backend, transport):
         backend.check_base_model("Phi-9")
     assert caught.value.code == "unknown_base_model" and not caught.value.retryable
     assert "Phi-9" in str(caught.value) and "set base_model" in str(caught.value)
+
+
+# ---- Microsoft's published run events (tests/data/eventgrid/, as published) ------------------------------
+
+EVENTS = Path(__file__).parent / "data" / "eventgrid"
+
+
+def published(sample: str, job_name: str, pascal_case: bool = False) -> RunEvent:
+    """Microsoft's sample event as published, sent by this workspace about ``job_name``: only the
+    topic's placeholders and the job's name are filled in; runTags stays as published ({})."""
+    (event,) = json.loads((EVENTS / f"{sample}.eventgrid.json").read_text())
+    event["topic"] = WSID
+    recorded_job = event["data"]["runId"]
+    event["subject"] = event["subject"].replace(recorded_job, job_name)
+    event["data"]["runId"] = job_name
+    if pascal_case:  # as Microsoft's Azure/aml-function fixture spells them (RunTags, RunStatus, ...)
+        event["data"] = {key[0].upper() + key[1:]: value for key, value in event["data"].items()}
+    return RunEvent.from_json(json.dumps(event))
+
+
+@pytest.mark.parametrize("pascal_case", [False, True])
+def test_microsofts_published_failed_event_fails_the_run_without_tags_or_capitals(backend, transport, settings,
+                                                                                   pascal_case):
+    pipeline = Pipeline(settings, backend=backend)
+    run = submitted(pipeline, settings)
+    event = published("run-status-changed", run.job_name, pascal_case)
+    assert event.run_tags == {} and event.data.get("runStatus", event.data.get("RunStatus")) == "failed"
+    transport.on("GET", rf"{ARM}/jobs/{run.job_name}\?", job(run.job_name, "Failed"))
+    failed = pipeline.on_run_event(event)
+    assert failed is not None and failed.state == runs.FAILED and failed.error
+    pipeline.on_run_event(event)  # delivered again: nothing changes
+    assert pipeline.store.get(run.run_id).updated_at == failed.updated_at
+
+
+def test_microsofts_published_completed_event_finds_its_run_by_the_job_name(backend, transport, settings):
+    pipeline = Pipeline(settings, backend=backend)
+    run = submitted(pipeline, settings)
+    transport.on("GET", rf"{ARM}/jobs/{run.job_name}\?", job(run.job_name, "Completed"))
+    mlflow_routes(transport, run.job_name)
+    ep = endpoint_name_for(run.run_id)
+    transport.on("PUT", rf"{ARM}/onlineEndpoints/{ep}\?", recorded("online_endpoint", "PUT", 201,
+                                                                 rename={RECORDED_ENDPOINT: ep}))
+    done = pipeline.on_run_event(published("run-completed", run.job_name))
+    assert done.state == runs.DEPLOYING and done.model_version
+
+
+def test_published_events_of_child_steps_other_tries_and_lookalike_jobs_change_nothing(backend, transport, settings):
+    pipeline = Pipeline(settings, backend=backend)
+    run = submitted(pipeline, settings)
+    transport.on("GET", rf"{ARM}/jobs/", job("x", "Failed"))
+    child = published("run-status-changed", "AutoML_ad912b2d-6467-4f32-a616-dbe4af6dd8fc_5")
+    tagged_child = RunEvent(child.id, child.event_type, child.topic, child.subject,
+                            {**child.data, "runTags": {RUN_ID_TAG: run.run_id}})  # a step carrying its parent's tag
+    lookalikes = [f"{run.job_name}-r1", f"{run.job_name}-r01", f"{run.job_name}x", f"x{run.job_name}",
+                  run.job_name.upper(), "tunedrop-"]
+    for event in [child, tagged_child, *(published("run-status-changed", name) for name in lookalikes)]:
+        assert pipeline.on_run_event(event) is None, event.run_id
+    assert pipeline.store.get(run.run_id).state == runs.SUBMITTED
+    assert transport.calls("GET", r"/jobs/") == []
+
+
+def test_a_retried_run_takes_events_of_its_new_job_only(backend, transport, settings):
+    pipeline = Pipeline(settings, backend=backend)
+    run = submitted(pipeline, settings)
+    retried = pipeline.store.update(run.run_id, job_name=f"{run.job_name}-r2")
+    transport.on("GET", rf"{ARM}/jobs/", job(retried.job_name, "Failed"))
+    assert pipeline.on_run_event(published("run-status-changed", run.job_name)) is None  # the first try's job
+    assert pipeline.on_run_event(published("run-status-changed", retried.job_name)).state == runs.FAILED

@@ -110,6 +110,10 @@ def test_dataset_to_answer_to_teardown(app, caplog):
     assert httpx.post(f"{url}/score", json=body).status_code == 401
     answer = httpx.post(f"{url}/score", json=body, headers={"x-functions-key": app.host.function_key}, timeout=60)
     assert answer.status_code == 200 and isinstance(answer.json()["output"], str)
+    # The seed notebook's own request: `"input_string": [test_df["messages"][0]]`, one conversation in a list.
+    seed = {"input_data": {**body["input_data"], "input_string": [body["input_data"]["input_string"]]}, "params": {}}
+    answer = httpx.post(f"{url}/score", json=seed, headers={"x-functions-key": app.host.function_key}, timeout=60)
+    assert answer.status_code == 200 and isinstance(answer.json()["output"], str)
     chat = httpx.post(f"{url}/v1/chat/completions", headers={"x-functions-key": app.host.function_key}, timeout=60,
                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"

@@ -16,7 +16,7 @@ from shared.runs import Run
 from shared.settings import Settings
 from shared.storage import default_storage
 from shared.webhooks import OutboxMessage, new_secret, webhook_id
-from tests.handlers import handler
+from tests.handlers import deliver_run_event, handler, queued_run_events
 from tests.receiver import Receiver
 
 WORKSPACE = Settings().workspace_id
@@ -165,7 +165,7 @@ def grid_event(status: str, run_id: str, job_name: str, topic: str = WORKSPACE) 
 
 def test_job_events_moves_the_run_and_ignores_other_jobs_steps_and_workspaces(app_env):
     run = make_run(runs.SUBMITTED)
-    job_events = handler("job_events")
+    job_events = deliver_run_event
     job_events(grid_event("Running", run.run_id, "some-child-step"))  # a pipeline step's own event
     job_events(grid_event("Running", run.run_id, run.job_name, topic=WORKSPACE.replace("local", "other")))
     job_events(grid_event("Running", "not-a-run", run.job_name))
@@ -176,9 +176,27 @@ def test_job_events_moves_the_run_and_ignores_other_jobs_steps_and_workspaces(ap
     assert [p["type"] for p in queued_webhooks(Settings.from_env())] == ["run.running"]
 
 
-def test_job_events_failed_job_fails_the_run_with_the_reason(app_env):
+def test_job_events_only_queues_the_event_and_job_event_worker_acts_on_it(app_env):
+    """Event Grid gives up on answers slower than 30 s: job_events hands the event on, nothing more."""
     run = make_run(runs.SUBMITTED)
     handler("job_events")(grid_event("Failed", run.run_id, run.job_name))
+    assert get_pipeline().store.get(run.run_id).state == runs.SUBMITTED  # acknowledged, not yet acted on
+    (message,) = queued_run_events()
+    handler("job_event_worker")(message)
+    assert get_pipeline().store.get(run.run_id).state == runs.FAILED
+    handler("job_event_worker")(message)  # the host delivers a message at least once: a repeat changes nothing
+    assert [p["type"] for p in queued_webhooks(Settings.from_env())] == ["run.failed"]
+    other = func.EventGridEvent(id="2", data={}, topic=WORKSPACE, subject="x", event_type="Microsoft.Storage.BlobCreated",
+                                event_time=None, data_version="1")
+    handler("job_events")(other)
+    foreign = grid_event("Failed", run.run_id, run.job_name, topic=WORKSPACE.replace("local", "other"))
+    handler("job_events")(foreign)
+    assert queued_run_events() == []  # not a run event of this workspace: nothing to queue
+
+
+def test_job_events_failed_job_fails_the_run_with_the_reason(app_env):
+    run = make_run(runs.SUBMITTED)
+    deliver_run_event(grid_event("Failed", run.run_id, run.job_name))
     failed = get_pipeline().store.get(run.run_id)
     assert failed.state == runs.FAILED and failed.failed_in == runs.SUBMITTED
     assert "No such job" in failed.error or run.job_name in failed.error
@@ -194,11 +212,11 @@ def test_job_events_tolerates_pascal_case_keys_and_non_run_events(app_env):
     data["RunType"] = None
     event = func.EventGridEvent(id="1", data=data, topic=WORKSPACE, subject=raw["subject"], event_type=raw["eventType"],
                                 event_time=None, data_version="2")
-    handler("job_events")(event)
+    deliver_run_event(event)
     assert get_pipeline().store.get(run.run_id).state == runs.RUNNING
     other = func.EventGridEvent(id="2", data={}, topic=WORKSPACE, subject="x",
                                 event_type="Microsoft.Storage.BlobCreated", event_time=None, data_version="1")
-    handler("job_events")(other)  # acknowledged, not raised
+    deliver_run_event(other)  # acknowledged, not raised
 
 
 def http(method: str, url: str, route_params: dict, body: bytes = b"") -> func.HttpRequest:
@@ -222,6 +240,13 @@ def test_score_answers_clearly_when_it_cannot_score(app_env):
     answer = score(http("POST", "/x", {"run_id": deploying.run_id}, bad))
     assert answer.status_code == 400
     assert "input_data.input_string[0].role" in json.loads(answer.get_body())["error"]
+    # The seed notebook's request (input_string holding one conversation) is checked the same way.
+    seed_shape = json.dumps({"input_data": {"input_string": [[{"role": "user", "content": "hi"}]]}}).encode()
+    answer = score(http("POST", "/x", {"run_id": deploying.run_id}, seed_shape))
+    assert answer.status_code == 503  # accepted as a request; the endpoint is what is not ready
+    two = json.dumps({"input_data": {"input_string": [[{"role": "user", "content": "a"}]] * 2}}).encode()
+    answer = score(http("POST", "/x", {"run_id": deploying.run_id}, two))
+    assert answer.status_code == 400 and "holds 2 conversations" in json.loads(answer.get_body())["error"]
     answer = score(http("POST", "/x", {"run_id": deploying.run_id}, b"{not json"))
     assert answer.status_code == 400 and "not valid JSON" in json.loads(answer.get_body())["error"]
     answer = score(http("POST", "/x", {"run_id": deploying.run_id}, b" " * (1_048_577)))
@@ -316,7 +341,7 @@ def test_function_app_import_stays_light():
 
 def test_retry_resubmits_a_failed_job_under_a_new_name_and_refuses_what_it_cannot_redo(app_env):
     run = make_run(runs.SUBMITTED)
-    handler("job_events")(grid_event("Failed", run.run_id, run.job_name))
+    deliver_run_event(grid_event("Failed", run.run_id, run.job_name))
     retry = handler("retry_run")
     pipeline = get_pipeline()
     try:
@@ -326,7 +351,7 @@ def test_retry_resubmits_a_failed_job_under_a_new_name_and_refuses_what_it_canno
         assert body["job_name"] == f"tunedrop-{run.run_id}-r1"
         assert (Settings.from_env().state_dir / "jobs" / body["job_name"] / "job.json").exists()
         # A late event of the first, failed job no longer moves the run.
-        handler("job_events")(grid_event("Failed", run.run_id, run.job_name))
+        deliver_run_event(grid_event("Failed", run.run_id, run.job_name))
         assert pipeline.store.get(run.run_id).state == runs.SUBMITTED
         again = retry(http("POST", "/x", {"run_id": run.run_id}))
         assert again.status_code == 409 and "only a failed run" in json.loads(again.get_body())["error"]

@@ -123,7 +123,10 @@ def test_names_the_bicep_creates_are_the_code_defaults():
     defaults = Settings()
     for var, expected in (("trainingContainer", defaults.training_container),
                           ("quarantineContainer", defaults.quarantine_container),
-                          ("runsTable", defaults.runs_table), ("webhookQueue", defaults.webhook_queue)):
+                          ("runsTable", defaults.runs_table), ("webhookQueue", defaults.webhook_queue),
+                          ("jobEventsQueue", defaults.job_events_queue),
+                          ("datastoreName", defaults.azureml_datastore),
+                          ("dataContainer", defaults.azureml_data_container)):
         assert re.search(rf"^var {var} = '{re.escape(expected)}'$", main, re.M), var
     assert f"param sweepSchedule string = '{defaults.sweep_schedule}'" in main
 
@@ -266,3 +269,32 @@ def test_funcignore_keeps_the_app_and_drops_the_rest():
     ignored = set((ROOT / ".funcignore").read_text().split())
     assert {"tests", ".venv", "node_modules", ".tunedrop", "bench", "infra"} <= ignored
     assert not {"shared", "functions", "function_app.py", "host.json", "requirements.txt"} & ignored
+
+
+# ---- the datastore the jobs read through ----------------------------------------------------------
+
+def test_every_workspace_gets_the_credential_less_datastore_on_the_data_container():
+    main = (INFRA / "main.bicep").read_text()
+    (module,) = re.findall(r"^module datastore '([^']+)' = \{\n(.*?)^\}", main, re.S | re.M)
+    path, body = module
+    assert "scope: resourceGroup(wsResourceGroup)" in body  # where the workspace is, created or existing
+    for line in ("name: datastoreName", "container: dataContainer", "dataAccountName: storage.outputs.dataAccountName"):
+        assert line in body, line
+    store = (INFRA / path).read_text()
+    assert "'Microsoft.MachineLearningServices/workspaces/datastores@" in store
+    for line in ("datastoreType: 'AzureBlob'", "credentials: { credentialsType: 'None' }", "containerName: container",
+                 "accountName: dataAccountName", "protocol: 'https'", "endpoint: environment().suffixes.storage"):
+        assert line in store, line
+    assert "TUNEDROP_AZUREML_DATASTORE: datastoreName" in FUNCTION_APP.read_text()
+
+
+def test_the_identity_that_reads_the_datastore_is_granted_read_on_its_container():
+    from tests.rbac import builtin_roles, grants
+
+    roles = builtin_roles()
+    read = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read"
+    readers = {(g.principal, g.scope) for g in grants() if roles[g.role].allows(read, data=True)}
+    assert ("gpu-cluster", f"rg/data/{Settings().azureml_data_container}") in readers
+    main = (INFRA / "main.bicep").read_text()
+    assert "principalId: workspace.outputs.gpuClusterPrincipalId" in main  # a created workspace's cluster
+    assert "principalId: computePrincipalId" in main  # an existing workspace's, when given

@@ -24,12 +24,14 @@ param baseModel string
 param workspaceId string
 param computeName string
 param dataContainer string
+param datastoreName string
 param deploymentInstanceType string
 param sweepSchedule string
 param trainingContainer string
 param quarantineContainer string
 param runsTable string
 param webhookQueue string
+param jobEventsQueue string
 param appSettingOverrides object
 param instanceMemoryMB int
 param maximumInstanceCount int
@@ -45,6 +47,7 @@ var tunedropSettings = {
   TUNEDROP_QUARANTINE_CONTAINER: quarantineContainer
   TUNEDROP_RUNS_TABLE: runsTable
   TUNEDROP_WEBHOOK_QUEUE: webhookQueue
+  TUNEDROP_JOB_EVENTS_QUEUE: jobEventsQueue
   TUNEDROP_WEBHOOK_URLS: webhookUrls
   TUNEDROP_WEBHOOK_SECRET: empty(webhookSecretUri) ? '' : '@Microsoft.KeyVault(SecretUri=${webhookSecretUri})'
   TUNEDROP_WEBHOOK_TIMEOUT_S: '10.0'
@@ -79,8 +82,9 @@ var tunedropSettings = {
   TUNEDROP_AZUREML_PREPROCESS_COMPUTE: ''
   TUNEDROP_AZUREML_EVALUATION_COMPUTE: ''
   TUNEDROP_AZUREML_EXPERIMENT: ''
-  TUNEDROP_AZUREML_DATASTORE: 'tunedrop'
+  TUNEDROP_AZUREML_DATASTORE: datastoreName
   TUNEDROP_AZUREML_DATA_CONTAINER: dataContainer
+  TUNEDROP_AZUREML_GPUS_PER_NODE: '0'
   TUNEDROP_AZUREML_INSTANCE_TYPE: deploymentInstanceType
   TUNEDROP_AZUREML_INSTANCE_COUNT: '1'
   TUNEDROP_AZUREML_CLIENT_ID: identityClientId

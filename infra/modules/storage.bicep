@@ -14,6 +14,8 @@ param deadLetterContainer string
 param dataContainer string
 param runsTable string
 param webhookQueue string
+@description('Queue between the job_events Event Grid trigger and job_event_worker.')
+param jobEventsQueue string
 @description('Principal id of the Function App identity.')
 param principalId string
 @description('Optional user or group object id that may drop datasets (Storage Blob Data Contributor on the data account).')
@@ -80,6 +82,8 @@ resource data 'Microsoft.Storage/storageAccounts@2023-05-01' = {
     name: 'default'
     resource outbox 'queues' = { name: webhookQueue }
     resource poison 'queues' = { name: '${webhookQueue}-poison' }
+    resource jobEvents 'queues' = { name: jobEventsQueue }
+    resource jobEventsPoison 'queues' = { name: '${jobEventsQueue}-poison' }
   }
   resource tables 'tableServices' = {
     name: 'default'
@@ -120,16 +124,19 @@ resource appDataRoles 'Microsoft.Authorization/roleAssignments@2022-04-01' = [fo
   }
 }]
 
-// Host account: AzureWebJobsStorage and the deployment package are blob only.
-resource appHostRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(host.id, principalId, roles.blobDataOwner)
+// Host account (AzureWebJobsStorage): blobs for host keys, timer locks and the deployment package;
+// queues because the blob trigger with source EventGrid writes each event to a queue here before
+// the function runs (without Queue Data Contributor its webhook answers 403 and nothing is ingested).
+var hostRoles = [roles.blobDataOwner, roles.queueDataContributor]
+resource appHostRoles 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for role in hostRoles: {
+  name: guid(host.id, principalId, role)
   scope: host
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.blobDataOwner)
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', role)
     principalId: principalId
     principalType: 'ServicePrincipal'
   }
-}
+}]
 
 resource userDataRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(userPrincipalId)) {
   name: guid(data.id, userPrincipalId, roles.blobDataContributor)

@@ -120,19 +120,10 @@ resource dataScientist 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
-// Identity datastores: the app (uploading datasets) and the workspace and cluster identities
-// (reading them, writing outputs) need blob data access to the created workspace's storage.
+// Identity datastores of the created workspace's storage: the workspace and cluster identities read
+// and write there (job outputs, models). The app never touches this account: it writes each run's
+// split to its own data account (tests/test_permissions.py finds no call that would need it).
 var wsStorageId = resourceId('Microsoft.Storage/storageAccounts', take('sttdmlw${token}', 24))
-
-resource wsStorageApp 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(wsStorageId, principalId, roles.blobDataContributor)
-  scope: wsStorage
-  properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.blobDataContributor)
-    principalId: principalId
-    principalType: 'ServicePrincipal'
-  }
-}
 
 resource wsStorageWorkspace 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(wsStorageId, name, 'workspace', roles.blobDataContributor)

@@ -35,7 +35,9 @@ resource completed 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-06-
 }
 
 // Status changes the app acts on: Running (run.running) and the failures (run.failed). Every
-// other status (Queued, Preparing, Finalizing, ...) would only cost deliveries.
+// other status (Queued, Preparing, Finalizing, ...) would only cost deliveries. Microsoft's sample
+// event says "failed": Event Grid's advanced filters compare strings case-insensitively ("All string
+// comparisons aren't case-sensitive", Event Grid's event-filtering doc), and the app reads it in any case.
 resource statusChanged 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-06-15' = {
   parent: topic
   name: 'tunedrop-run-status'

@@ -31,11 +31,15 @@ import time
 from datetime import datetime
 from typing import Any
 
+from shared.backends.gpu_sizes import gpus_per_node
 from shared.backends.base import (
     DEPLOY_CREATING,
     DEPLOY_FAILED,
     DEPLOY_MISSING,
     DEPLOY_READY,
+    JOB_CANCELED,
+    JOB_COMPLETED,
+    JOB_FAILED,
     JOB_NOT_FOUND,
     BackendError,
     DeploymentInfo,
@@ -44,6 +48,7 @@ from shared.backends.base import (
     ScoringTarget,
     endpoint_name_for,
     job_name_for,
+    job_status,
 )
 from shared.events import RUN_ID_TAG
 from shared.training import TrainingConfig
@@ -93,6 +98,30 @@ def _literal(value: str, what: str):
     except (ValueError, SyntaxError):
         raise BackendError(f"The foundation model's tag {what} is not a Python literal: {value[:200]!r}.",
                            code="bad_model_tag") from None
+
+
+#: Where a registry model lists the VM sizes it supports: the tag the seed reads, or, since the
+#: azureml registry moved them (azureml-assets #5150, 2026-06), system metadata `supportedComputes`.
+ALLOW_LISTS = {"inference": ("inference_compute_allow_list", "inferenceComputes"),
+               "finetune": ("finetune_compute_allow_list", "finetuneComputes")}
+
+
+def allow_list(model, kind: str) -> list[str] | None:
+    """The VM sizes ``model`` allows for ``kind`` ("inference" or "finetune"), or None when it names none."""
+    tag, field = ALLOW_LISTS[kind]
+    tags = model.tags or {}
+    if tag in tags:
+        sizes = _literal(tags[tag], tag)
+    else:
+        # azure-ai-ml 1.35 keeps it as Model._system_metadata (filled from the REST version when present)
+        metadata = getattr(model, "system_metadata", None) or getattr(model, "_system_metadata", None) or {}
+        supported = metadata.get("supportedComputes") or {} if isinstance(metadata, dict) else {}
+        sizes = supported.get(field)
+        if sizes is None:
+            return None
+    if not isinstance(sizes, (list, tuple)):
+        raise BackendError(f"The foundation model's {tag} is not a list: {str(sizes)[:200]!r}.", code="bad_model_tag")
+    return [str(size) for size in sizes]
 
 
 def _seed_value(name: str, value: Any) -> Any:
@@ -300,9 +329,7 @@ class AzureMLBackend:
         """The seed's compute checks; returns (cluster name, GPUs per node)."""
         name = self.settings.azureml_finetune_compute
         setting = "TUNEDROP_AZUREML_FINETUNE_COMPUTE"
-        tags = model.tags or {}
-        allow = _literal(tags["finetune_compute_allow_list"], "finetune_compute_allow_list") \
-            if "finetune_compute_allow_list" in tags else None
+        allow = allow_list(model, "finetune")
         compute = self._call(f"get compute {name}", lambda: self.workspace.compute.get(name),
                              not_found=f"Compute cluster {name} does not exist in workspace {self.workspace_name}: "
                                        f"create it (a GPU size from {allow or 'the fine-tuning SKU list'}) or set "
@@ -321,15 +348,12 @@ class AzureMLBackend:
             raise BackendError(f"Cluster {name} has VM size {size}, which is not supported for fine-tuning: create a "
                                f"cluster of a newer GPU size (e.g. Standard_NC24rs_v3) and set {setting} to it.",
                                code="compute_not_supported")
-        sizes = list(self._call("list VM sizes", lambda: self.workspace.compute.list_sizes()))
-        for sku in sizes:
-            if str(sku.name).lower() == size.lower():
-                gpus = int(sku.gpus or 0)
-                if gpus < 1:
-                    break
-                return name, gpus
-        raise BackendError(f"Number of GPUs of VM size {size} (cluster {name}) not found among the workspace's sizes: "
-                           f"set {setting} to a GPU cluster.", code="compute_no_gpus")
+        gpus = self.settings.azureml_gpus_per_node or gpus_per_node(size)
+        if gpus < 1:
+            raise BackendError(f"VM size {size} of cluster {name} is not in tunedrop's table of GPU sizes: set "
+                               "TUNEDROP_AZUREML_GPUS_PER_NODE to its GPUs per node, or set "
+                               f"{setting} to a GPU cluster.", code="compute_no_gpus")
+        return name, gpus
 
     # ---- seed step 4: data ----------------------------------------------------------------------
 
@@ -383,6 +407,24 @@ class AzureMLBackend:
         test = f"azureml://datastores/{store}/paths/{paths['test']}" if with_test else None
         return train, test
 
+    def check_datastore(self) -> None:
+        """The datastore the job reads its data through must exist: Azure ML checks it only when the job
+        starts on the cluster, hours of queueing later. infra/ creates it (credential-less AzureBlob on
+        the data container); once found, it is not asked again in this process."""
+        def find():
+            name = self.settings.azureml_datastore
+            return self._call(f"get datastore {name}", lambda: self.workspace.datastores.get(name), not_found=(
+                f"Datastore {name} does not exist in workspace {self.workspace_name}: run `azd provision` (infra/ "
+                f"creates it), or create a credential-less AzureBlob datastore {name} on container "
+                f"{self.settings.azureml_data_container} of the app's data account, or set TUNEDROP_AZUREML_DATASTORE "
+                "to one that is; then drop the dataset again."))
+        try:
+            self._client("datastore", find)
+        except BackendError as exc:
+            if exc.code == "not_found":
+                raise BackendError(str(exc), code="datastore_missing") from None
+            raise
+
     # ---- seed steps 5-6: the pipeline job ---------------------------------------------------------
 
     def _existing_job(self, job_name: str):
@@ -395,7 +437,9 @@ class AzureMLBackend:
             return job_name
         base = run.base_model or self.settings.effective_base_model
         model = self.foundation_model(base)
+        self.check_instance_type(model, then="drop the dataset again")
         compute, gpus = self.check_compute(model)
+        self.check_datastore()
         params = finetune_parameters(config, model.tags or {})
         train_uri, test_uri = self.write_split(run, config)
         job = self.build_pipeline_job(run, job_name, model, compute, gpus, params, train_uri, test_uri)
@@ -416,6 +460,14 @@ class AzureMLBackend:
         s = self.settings
         display_name = seed_display_name(model.name, params, gpus)
         inputs = {"test_file_path": Input(type="uri_file", path=test_uri)} if test_uri else {}
+        # A model's model_specific_defaults may name parameters this component version does not take
+        # (Phi-3's list has learning_rate_min/_max, logging_steps, ...); the SDK refuses unknown keywords.
+        accepted = {name.lower() for name in (getattr(component, "inputs", None) or {})}
+        if accepted:
+            dropped = sorted(name for name in params if name.lower() not in accepted)
+            if dropped:
+                log.info("job %s: %s takes no %s; not passed", job_name, PIPELINE_COMPONENT, ", ".join(dropped))
+            params = {name: value for name, value in params.items() if name.lower() in accepted}
 
         @pipeline(name=display_name)
         def create_pipeline():
@@ -449,10 +501,10 @@ class AzureMLBackend:
         if job is None:
             return JobInfo(job_name, JOB_NOT_FOUND, error=f"Job {job_name} does not exist in workspace "
                                                           f"{self.workspace_name}.")
-        status = _text(job.status)
-        if status == "Completed":
+        status = job_status(job.status)
+        if status == JOB_COMPLETED:
             return JobInfo(job_name, status, metrics=self.job_metrics(job_name))
-        if status in ("Failed", "Canceled"):
+        if status in (JOB_FAILED, JOB_CANCELED):
             return JobInfo(job_name, status, error=self.job_error(job_name, status, getattr(job, "studio_url", "")))
         return JobInfo(job_name, status)
 
@@ -540,16 +592,20 @@ class AzureMLBackend:
 
     # ---- seed step 9: deploy ---------------------------------------------------------------------
 
-    def check_instance_type(self, base_model: str) -> None:
-        tags = self.foundation_model(base_model).tags or {}
-        if "inference_compute_allow_list" not in tags:
+    def check_instance_type(self, model, then: str = "retry the run") -> None:
+        """The seed's check of the deployment's VM size against the foundation model's
+        `inference_compute_allow_list`. Run when a dataset is accepted too, so that a size the model
+        cannot be served on fails in seconds, not after hours of training."""
+        allow = allow_list(model, "inference")
+        if allow is None:
             return
-        allow = _literal(tags["inference_compute_allow_list"], "inference_compute_allow_list")
         instance_type = self.settings.azureml_instance_type
         if instance_type.lower() not in [str(x).lower() for x in allow]:
-            raise BackendError(f"Instance type {instance_type} is not in the allow-listed computes for inference of "
-                               f"{base_model} ({', '.join(map(str, allow))}): set TUNEDROP_AZUREML_INSTANCE_TYPE to "
-                               "one of them and retry the run.", code="instance_type_not_allowed")
+            raise BackendError(f"Instance type {instance_type} (TUNEDROP_AZUREML_INSTANCE_TYPE) is not in the "
+                               f"allow-listed computes for inference of {model.name}: "
+                               f"{', '.join(map(str, allow))}. Set TUNEDROP_AZUREML_INSTANCE_TYPE to one of them "
+                               f"(with quota in the workspace's region) and {then}.",
+                               code="instance_type_not_allowed")
 
     def _get_endpoint(self, endpoint_name: str):
         return self._find(f"get endpoint {endpoint_name}", lambda: self.workspace.online_endpoints.get(endpoint_name))
@@ -558,7 +614,7 @@ class AzureMLBackend:
         from azure.ai.ml.entities import ManagedOnlineEndpoint
 
         endpoint_name = endpoint_name_for(run.run_id)
-        self.check_instance_type(run.base_model or self.settings.effective_base_model)
+        self.check_instance_type(self.foundation_model(run.base_model or self.settings.effective_base_model))
         endpoint = self._get_endpoint(endpoint_name)
         if endpoint is None:
             endpoint = ManagedOnlineEndpoint(

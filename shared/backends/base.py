@@ -20,6 +20,22 @@ JOB_COMPLETED = "Completed"
 JOB_FAILED = "Failed"
 JOB_CANCELED = "Canceled"
 JOB_NOT_FOUND = "NotFound"
+#: Every status an Azure ML job reports (azure-ai-ml's REST enum JobStatus), in its own spelling.
+#: Azure ML itself is not consistent about the casing (its RunStatusChanged sample says "failed"),
+#: so a status read from the outside goes through :func:`job_status` first.
+JOB_STATUSES = ("NotStarted", "Starting", "Provisioning", "Preparing", "Queued", JOB_RUNNING, "Finalizing",
+                "CancelRequested", JOB_COMPLETED, JOB_FAILED, JOB_CANCELED, "NotResponding", "Paused", "Unknown",
+                JOB_NOT_FOUND)
+_CANONICAL_STATUS = {status.lower(): status for status in JOB_STATUSES}
+#: Statuses after which a job never changes again.
+TERMINAL_JOB_STATUSES = (JOB_COMPLETED, JOB_FAILED, JOB_CANCELED, JOB_NOT_FOUND)
+
+
+def job_status(value) -> str:
+    """A job status in its canonical spelling, whatever the casing it came in ("failed" -> "Failed");
+    an SDK enum is read by its value. An unknown status is kept as given (stripped)."""
+    text = str(getattr(value, "value", value) or "").strip()
+    return _CANONICAL_STATUS.get(text.lower(), text)
 
 # Deployment states.
 DEPLOY_CREATING = "creating"
@@ -46,7 +62,7 @@ class JobInfo:
 
     @property
     def is_terminal(self) -> bool:
-        return self.status in (JOB_COMPLETED, JOB_FAILED, JOB_CANCELED, JOB_NOT_FOUND)
+        return self.status in TERMINAL_JOB_STATUSES
 
 
 @dataclass(frozen=True)
@@ -113,9 +129,31 @@ def endpoint_name_for(run_id: str) -> str:
     return name[:32]
 
 
+JOB_PREFIX = "tunedrop-"
+
+
 def job_name_for(run_id: str, retry: int = 0) -> str:
     """The job of a run's first try, then of each retry: found again by name, never made twice."""
-    return f"tunedrop-{run_id}" + (f"-r{retry}" if retry else "")
+    return f"{JOB_PREFIX}{run_id}" + (f"-r{retry}" if retry else "")
+
+
+def run_of_job(job_name: str) -> tuple[str, int] | None:
+    """(run id, retry) of a job that :func:`job_name_for` named, or None for any other name.
+
+    A run id ends in 12 hex digits (:func:`shared.runs.run_id_for`), so a `-r<n>` retry suffix cannot
+    be part of it; the answer is checked by naming the job again, so only an exact name matches.
+    """
+    if not job_name.startswith(JOB_PREFIX):
+        return None
+    rest = job_name[len(JOB_PREFIX):]
+    stem, sep, retry = rest.rpartition("-r")
+    candidates = [(rest, 0)]
+    if sep and retry.isdigit() and not retry.startswith("0"):
+        candidates.insert(0, (stem, int(retry)))
+    for run_id, attempt in candidates:
+        if run_id and job_name_for(run_id, attempt) == job_name:
+            return run_id, attempt
+    return None
 
 
 def get_backend(settings) -> Backend:

@@ -72,7 +72,8 @@ def test_unsupported_bindings_are_refused(tmp_path):
 def test_the_project_function_app_is_indexed(tmp_path):
     app = load_app("function_app", PROJECT_ROOT)
     environ = {"TUNEDROP_STORAGE": "UseDevelopmentStorage=true", "TUNEDROP_TRAINING_CONTAINER": "training-data",
-               "TUNEDROP_WEBHOOK_QUEUE": "webhooks", "TUNEDROP_SWEEP_SCHEDULE": "0 */1 * * * *"}
+               "TUNEDROP_WEBHOOK_QUEUE": "webhooks", "TUNEDROP_JOB_EVENTS_QUEUE": "job-events",
+               "TUNEDROP_SWEEP_SCHEDULE": "0 */1 * * * *"}
     host = LocalHost(app, root=PROJECT_ROOT, state_dir=tmp_path, environ=environ, port=0)
     kinds = {spec.kind for spec in host.functions.values()}
     assert {"httpTrigger", "blobTrigger", "queueTrigger", "timerTrigger", "eventGridTrigger"} <= kinds

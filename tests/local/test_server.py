@@ -97,6 +97,9 @@ def test_score_answers_with_a_string(server):
     greedy = {"input_data": {**SCORE["input_data"], "parameters": {"temperature": 0, "max_new_tokens": 8}}}
     first, second = (request(server["port"], "/score", greedy, key=KEY) for _ in range(2))
     assert first == second  # temperature 0: greedy, deterministic
+    # The seed notebook's own request: input_string holds one conversation, `[test_df["messages"][0]]`.
+    as_seed = {"input_data": {**greedy["input_data"], "input_string": [greedy["input_data"]["input_string"]]}}
+    assert request(server["port"], "/score", as_seed, key=KEY) == first
 
 
 def test_score_needs_the_key(server):
@@ -112,6 +115,10 @@ def test_score_needs_the_key(server):
      "input_data.input_string[1].role must be one of system, user, assistant"),
     ({"input_data": {"input_string": [{"role": "user", "content": 5}]}}, "input_data.input_string[0].content"),
     ({"input_data": {"input_string": []}}, "input_data.input_string"),
+    ({"input_data": {"input_string": [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "yo"}]]}},
+     "input_data.input_string holds 2 conversations: send one per request"),
+    ({"input_data": {"input_string": [[{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]]}},
+     "input_data.input_string[0][1].role"),
     ({"inputs": "hi"}, "input_data"),
     ({"input_data": {"input_string": [{"role": "user", "content": "hi"}], "parameters": {"top_p": 7}}},
      "input_data.parameters.top_p"),

@@ -11,7 +11,7 @@ import mlflow
 from shared import faults, runs
 from shared.runs import utcnow
 from shared.webhooks import EVENT_TYPES
-from tests.handlers import handler
+from tests.handlers import deliver_run_event, handler
 from tests.reliability.conftest import completed_event, dataset, in_child, outbox, summary, upload, wait_for_job
 
 
@@ -38,13 +38,13 @@ def test_a_crash_after_every_external_call_still_ends_with_one_of_each(app_env, 
 
     # 2. job_events dies after registering, then again after beginning the deployment.
     event = pickle.dumps(completed_event(run))
-    event_code = f"import pickle\nhandler('job_events')(pickle.loads({event!r}))\n"
+    event_code = f"import pickle\nfrom tests.handlers import deliver_run_event\ndeliver_run_event(pickle.loads({event!r}))\n"
     assert in_child(event_code, "after_register") == faults.EXIT_CODE
     assert store.get(run.run_id).state == runs.SUCCEEDED
     assert in_child(event_code, "after_begin_deploy") == faults.EXIT_CODE
     assert store.get(run.run_id).state == runs.REGISTERED
     injected += 2
-    handler("job_events")(pickle.loads(event))  # Event Grid's redelivery
+    deliver_run_event(pickle.loads(event))  # Event Grid's redelivery
     run = store.get(run.run_id)
     assert run.state == runs.DEPLOYING
     client = mlflow.MlflowClient(settings.effective_tracking_uri, settings.effective_tracking_uri)

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import mlflow
 
 from shared import runs
-from tests.handlers import handler
+from tests.handlers import handler, queued_run_events
 from tests.reliability.conftest import completed_event, dataset, outbox, summary, upload, wait_for_job
 
 #: Copies of each event delivered at once; `make soak` raises it.
@@ -32,6 +32,9 @@ def test_concurrent_copies_of_each_event_make_one_of_everything(app_env):
 
     event = completed_event(run)
     storm(handler("job_events"), [(event,)] * STORM)
+    queued = queued_run_events()
+    assert len(queued) == STORM  # acknowledged at once, every copy queued for the worker
+    storm(handler("job_event_worker"), [(message,) for message in queued])
     run = store.get(run.run_id)
     assert run.state == runs.DEPLOYING
     client = mlflow.MlflowClient(settings.effective_tracking_uri, settings.effective_tracking_uri)

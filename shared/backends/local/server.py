@@ -7,7 +7,8 @@ Routes (127.0.0.1 only):
 
 * ``GET /health`` -> ``{"status": "ready"}`` (no auth; liveness and readiness probe)
 * ``POST /score`` -> ``{"output": "..."}`` for an Azure ML chat-completion request
-  ``{"input_data": {"input_string": [messages], "parameters": {...}}}``
+  ``{"input_data": {"input_string": [messages], "parameters": {...}}}`` (or the seed's
+  ``"input_string": [[messages]]``, one conversation in a list: see shared/chat.py)
 * ``POST /v1/chat/completions`` -> an OpenAI chat-completion response
 
 Both POST routes need ``Authorization: Bearer <key>``; the key is read from the key file and
@@ -32,14 +33,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from shared.chat import ChatRequestError, conversation
+from shared.chat import messages as chat_messages
+
 MAX_BODY_BYTES = 1_048_576
 MAX_NEW_TOKENS = 512
 DEFAULT_NEW_TOKENS = 200
-ROLES = ("system", "user", "assistant")
 MODEL_INFO_FILE = "tunedrop_model.json"
 
 
-class BadRequest(ValueError):
+class BadRequest(ChatRequestError):
     """The request body is not what the route expects; the message names the field."""
 
 
@@ -54,23 +57,6 @@ def log(message: str) -> None:
 
 
 # -- request validation ------------------------------------------------------------------------
-
-
-def _messages(value: Any, field: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise BadRequest(f"{field} must be a non-empty list of messages")
-    messages = []
-    for i, message in enumerate(value):
-        where = f"{field}[{i}]"
-        if not isinstance(message, dict):
-            raise BadRequest(f"{where} must be an object with role and content")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise BadRequest(f"{where}.role must be one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise BadRequest(f"{where}.content must be a string")
-        messages.append({"role": role, "content": content})
-    return messages
 
 
 def _name(field: str, key: str) -> str:
@@ -121,7 +107,7 @@ def parse_score_request(body: Any) -> tuple[list[dict[str, str]], dict[str, Any]
     data = body.get("input_data")
     if not isinstance(data, dict):
         raise BadRequest("input_data must be an object with input_string")
-    messages = _messages(data.get("input_string"), "input_data.input_string")
+    messages = conversation(data.get("input_string"), "input_data.input_string")
     params = data.get("parameters", {})
     if params is None:
         params = {}
@@ -134,7 +120,7 @@ def parse_score_request(body: Any) -> tuple[list[dict[str, str]], dict[str, Any]
 def parse_openai_request(body: Any) -> tuple[list[dict[str, str]], dict[str, Any]]:
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object with messages")
-    messages = _messages(body.get("messages"), "messages")
+    messages = chat_messages(body.get("messages"), "messages")
     if body.get("stream"):
         raise BadRequest("stream is not supported")
     if body.get("n") not in (None, 1):
@@ -311,7 +297,7 @@ class Handler(BaseHTTPRequestHandler):
                 messages, sampling = parse_score_request(body)
             else:
                 messages, sampling = parse_openai_request(body)
-        except BadRequest as exc:
+        except ChatRequestError as exc:
             self._send(400, {"error": str(exc)})
             return
         try:
