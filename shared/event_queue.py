@@ -25,25 +25,14 @@ class RunEventQueue:
         self._storage = storage or default_storage()
         self._queue = None
 
-    def _client(self):
-        if self._queue is None:
-            from azure.core.exceptions import ResourceExistsError
-
-            self._queue = self._storage.queue(self._settings.job_events_queue)
-            try:
-                self._queue.create_queue()
-            except ResourceExistsError:
-                pass
-        return self._queue
-
     def put(self, event: RunEvent) -> bool:
         """Queue ``event`` for the worker when it is a run event of this app's workspace; False when
         it is not (acknowledged: nothing will ever make it one)."""
-        if not event.is_run_event:
-            log.info("event %s: type %s is not a run event, ignored", event.id, event.event_type)
+        foreign = event.foreign_to(self._settings.workspace_id)
+        if foreign:
+            log.info("event %s: %s, ignored", event.id, foreign)
             return False
-        if event.topic.lower() != self._settings.workspace_id.lower():
-            log.info("event %s: from another workspace (%s), ignored", event.id, event.topic)
-            return False
-        self._client().send_message(event.to_json())
+        if self._queue is None:
+            self._queue = self._storage.ensure_queue(self._settings.job_events_queue)
+        self._queue.send_message(event.to_json())
         return True

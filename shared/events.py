@@ -76,6 +76,15 @@ class RunEvent:
     def is_run_event(self) -> bool:
         return self.event_type in RUN_EVENT_TYPES
 
+    def foreign_to(self, workspace_id: str) -> str:
+        """Why this event is none of the app's business, or "" when it is: it is not a run event, or
+        it comes from another workspace than ``workspace_id`` (the topic Event Grid names)."""
+        if not self.is_run_event:
+            return f"type {self.event_type} is not a run event"
+        if self.topic.lower() != workspace_id.lower():
+            return f"from another workspace ({self.topic})"
+        return ""
+
     @property
     def run_id(self) -> str:
         """The Azure ML run (job) name; from the data, else from the subject."""

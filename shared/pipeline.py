@@ -364,11 +364,9 @@ class Pipeline:
 
     def on_run_event(self, event: RunEvent) -> Run | None:
         """An Azure ML run event: move the run it belongs to; anything else is logged and acknowledged."""
-        if not event.is_run_event:
-            log.info("event %s: type %s is not a run event, ignored", event.id, event.event_type)
-            return None
-        if event.topic.lower() != self.settings.workspace_id.lower():
-            log.info("event %s: from another workspace (%s), ignored", event.id, event.topic)
+        foreign = event.foreign_to(self.settings.workspace_id)
+        if foreign:
+            log.info("event %s: %s, ignored", event.id, foreign)
             return None
         run = self.run_for_event(event)
         if run is None:

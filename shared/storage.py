@@ -82,6 +82,17 @@ class Storage:
             name, message_encode_policy=BinaryBase64EncodePolicy(), message_decode_policy=BinaryBase64DecodePolicy()
         )
 
+    def ensure_queue(self, name: str):
+        """A base64 queue client (see :meth:`queue`) for a queue that exists: created if it was not."""
+        from azure.core.exceptions import ResourceExistsError
+
+        client = self.queue(name)
+        try:
+            client.create_queue()
+        except ResourceExistsError:
+            pass
+        return client
+
     def download_blob(self, container: str, name: str, etag: str | None, dest) -> None:
         """Stream one blob version to ``dest`` (a path); fails if the blob changed since ``etag``."""
         from azure.core import MatchConditions

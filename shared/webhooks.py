@@ -133,13 +133,7 @@ class Outbox:
 
     def _queue_client(self):
         if self._queue is None:
-            from azure.core.exceptions import ResourceExistsError
-
-            self._queue = self._storage.queue(self._settings.webhook_queue)
-            try:
-                self._queue.create_queue()
-            except ResourceExistsError:
-                pass
+            self._queue = self._storage.ensure_queue(self._settings.webhook_queue)
         return self._queue
 
     def publish(self, run_id: str, event_type: str, data: dict[str, Any], retry: int = 0) -> list[OutboxMessage]:
@@ -170,13 +164,7 @@ class Outbox:
 
     def park(self, message: OutboxMessage, error: str) -> None:
         """Keep an undeliverable webhook in `<queue>-poison`, visible to operators, never dropped."""
-        from azure.core.exceptions import ResourceExistsError
-
-        poison = self._storage.queue(f"{self._settings.webhook_queue}-poison")
-        try:
-            poison.create_queue()
-        except ResourceExistsError:
-            pass
+        poison = self._storage.ensure_queue(f"{self._settings.webhook_queue}-poison")
         parked = OutboxMessage(message.id, message.url, message.payload, message.attempt, error)
         poison.send_message(parked.to_json())
 

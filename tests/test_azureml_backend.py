@@ -481,6 +481,21 @@ def test_each_deployment_error_is_mapped_to_its_fix(backend, transport, code, fi
     assert fix in info.error and message in info.error
 
 
+def test_a_forbidden_operation_status_still_fails_the_deployment_clearly(backend, transport):
+    """The async-operation URL sits at subscription scope, which the app's roles may not reach
+    (tests/test_permissions.py): its error text is a bonus, never a condition."""
+    ep = "td-chat-0123456789"
+    tags = {RUN_ID_TAG: "r", "model_name": "m", "model_version": "1"}
+    transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}\?", endpoint(ep, "Succeeded", tags))
+    transport.on("PUT", rf"/deployments/demo\?", recorded_deployment_put(ep))
+    assert backend.get_deployment(ep).state == DEPLOY_CREATING
+    transport.on("GET", r"/mfeOperationsStatus/", error(403, "AuthorizationFailed", "no access at subscription scope"))
+    transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}/deployments/demo\?", deployment(ep, "Failed"))
+    info = backend.get_deployment(ep)
+    assert info.state == DEPLOY_FAILED and info.error_code == "deployment_failed"
+    assert info.error.startswith(f"Deployment demo on endpoint {ep} failed (unknown error)")
+
+
 # ---- score ----------------------------------------------------------------------------------------------
 
 

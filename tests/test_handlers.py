@@ -4,12 +4,14 @@ import gzip
 import json
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import azure.functions as func
 from azure.functions.timer import TimerRequest
 import pytest
 
 from shared import runs
+from shared.backends.base import job_name_for
 from shared.events import RUN_ID_TAG, run_event
 from shared.pipeline import get_pipeline
 from shared.runs import Run
@@ -20,6 +22,7 @@ from tests.handlers import deliver_run_event, handler, queued_run_events
 from tests.receiver import Receiver
 
 WORKSPACE = Settings().workspace_id
+EVENTS = Path(__file__).parent / "data" / "eventgrid"
 
 
 @pytest.fixture
@@ -142,8 +145,9 @@ def test_ingest_twice_makes_one_run_and_one_job(app_env):
 
 def make_run(state: str, **fields) -> Run:
     store = get_pipeline().store
-    run, _ = store.create(Run(f"data-{state}", dataset_container="training-data", dataset_blob="d.jsonl",
-                              dataset_etag='"0x1"', job_name="tunedrop-job-1", **fields))
+    run_id = f"data-{state.replace('_', '-')}-0123456789ab"
+    run, _ = store.create(Run(run_id, dataset_container="training-data", dataset_blob="d.jsonl",
+                              dataset_etag='"0x1"', job_name=job_name_for(run_id), **fields))
     path = {
         runs.SUBMITTED: [runs.VALIDATING, runs.SUBMITTED],
         runs.DEPLOYING: [runs.VALIDATING, runs.SUBMITTED, runs.SUCCEEDED, runs.REGISTERED, runs.DEPLOYING],
@@ -155,10 +159,16 @@ def make_run(state: str, **fields) -> Run:
     return run
 
 
-def grid_event(status: str, run_id: str, job_name: str, topic: str = WORKSPACE) -> func.EventGridEvent:
-    raw = run_event(status=status, topic=topic, job_name=job_name, experiment_name="tunedrop",
-                    run_tags={RUN_ID_TAG: run_id})
-    return func.EventGridEvent(id=raw["id"], data=raw["data"], topic=raw["topic"], subject=raw["subject"],
+def grid_event(status: str, job_name: str, topic: str = WORKSPACE, run_tags: dict | None = None) -> func.EventGridEvent:
+    """Microsoft's published sample event (tests/data/eventgrid/) as Event Grid hands it to the function,
+    about ``job_name`` in this workspace: `runTags` as published ({}) unless given, `runStatus` as asked."""
+    sample = "run-completed" if status == "Completed" else "run-status-changed"
+    (raw,) = json.loads((EVENTS / f"{sample}.eventgrid.json").read_text())
+    data = {**raw["data"], "runId": job_name, "runTags": run_tags or {}}
+    if "runStatus" in data:
+        data["runStatus"] = status
+    return func.EventGridEvent(id=raw["id"], data=data, topic=topic,
+                               subject=raw["subject"].replace(raw["data"]["runId"], job_name),
                                event_type=raw["eventType"], event_time=datetime.now(timezone.utc),
                                data_version=raw["dataVersion"])
 
@@ -166,12 +176,12 @@ def grid_event(status: str, run_id: str, job_name: str, topic: str = WORKSPACE) 
 def test_job_events_moves_the_run_and_ignores_other_jobs_steps_and_workspaces(app_env):
     run = make_run(runs.SUBMITTED)
     job_events = deliver_run_event
-    job_events(grid_event("Running", run.run_id, "some-child-step"))  # a pipeline step's own event
-    job_events(grid_event("Running", run.run_id, run.job_name, topic=WORKSPACE.replace("local", "other")))
-    job_events(grid_event("Running", "not-a-run", run.job_name))
+    job_events(grid_event("Running", "some-child-step", run_tags={RUN_ID_TAG: run.run_id}))  # a step's own event
+    job_events(grid_event("Running", run.job_name, topic=WORKSPACE.replace("local", "other")))
+    job_events(grid_event("Running", f"{run.job_name}-r3"))  # a job whose name merely looks like the run's
     assert get_pipeline().store.get(run.run_id).state == runs.SUBMITTED
-    job_events(grid_event("Running", run.run_id, run.job_name))
-    job_events(grid_event("Running", run.run_id, run.job_name))  # duplicate delivery
+    job_events(grid_event("Running", run.job_name))
+    job_events(grid_event("Running", run.job_name))  # duplicate delivery
     assert get_pipeline().store.get(run.run_id).state == runs.RUNNING
     assert [p["type"] for p in queued_webhooks(Settings.from_env())] == ["run.running"]
 
@@ -179,7 +189,7 @@ def test_job_events_moves_the_run_and_ignores_other_jobs_steps_and_workspaces(ap
 def test_job_events_only_queues_the_event_and_job_event_worker_acts_on_it(app_env):
     """Event Grid gives up on answers slower than 30 s: job_events hands the event on, nothing more."""
     run = make_run(runs.SUBMITTED)
-    handler("job_events")(grid_event("Failed", run.run_id, run.job_name))
+    handler("job_events")(grid_event("failed", run.job_name))
     assert get_pipeline().store.get(run.run_id).state == runs.SUBMITTED  # acknowledged, not yet acted on
     (message,) = queued_run_events()
     handler("job_event_worker")(message)
@@ -189,14 +199,14 @@ def test_job_events_only_queues_the_event_and_job_event_worker_acts_on_it(app_en
     other = func.EventGridEvent(id="2", data={}, topic=WORKSPACE, subject="x", event_type="Microsoft.Storage.BlobCreated",
                                 event_time=None, data_version="1")
     handler("job_events")(other)
-    foreign = grid_event("Failed", run.run_id, run.job_name, topic=WORKSPACE.replace("local", "other"))
+    foreign = grid_event("Failed", run.job_name, topic=WORKSPACE.replace("local", "other"))
     handler("job_events")(foreign)
     assert queued_run_events() == []  # not a run event of this workspace: nothing to queue
 
 
 def test_job_events_failed_job_fails_the_run_with_the_reason(app_env):
     run = make_run(runs.SUBMITTED)
-    deliver_run_event(grid_event("Failed", run.run_id, run.job_name))
+    deliver_run_event(grid_event("failed", run.job_name))
     failed = get_pipeline().store.get(run.run_id)
     assert failed.state == runs.FAILED and failed.failed_in == runs.SUBMITTED
     assert "No such job" in failed.error or run.job_name in failed.error
@@ -341,7 +351,7 @@ def test_function_app_import_stays_light():
 
 def test_retry_resubmits_a_failed_job_under_a_new_name_and_refuses_what_it_cannot_redo(app_env):
     run = make_run(runs.SUBMITTED)
-    deliver_run_event(grid_event("Failed", run.run_id, run.job_name))
+    deliver_run_event(grid_event("failed", run.job_name))
     retry = handler("retry_run")
     pipeline = get_pipeline()
     try:
@@ -351,7 +361,7 @@ def test_retry_resubmits_a_failed_job_under_a_new_name_and_refuses_what_it_canno
         assert body["job_name"] == f"tunedrop-{run.run_id}-r1"
         assert (Settings.from_env().state_dir / "jobs" / body["job_name"] / "job.json").exists()
         # A late event of the first, failed job no longer moves the run.
-        deliver_run_event(grid_event("Failed", run.run_id, run.job_name))
+        deliver_run_event(grid_event("failed", run.job_name))
         assert pipeline.store.get(run.run_id).state == runs.SUBMITTED
         again = retry(http("POST", "/x", {"run_id": run.run_id}))
         assert again.status_code == 409 and "only a failed run" in json.loads(again.get_body())["error"]

@@ -226,13 +226,10 @@ def test_what_the_platform_does_with_the_apps_identity_is_granted(need):
 
 def test_every_call_of_a_whole_run_on_azure_is_in_the_matrix_and_granted(captured):
     arm, storage, services = captured
-    needs, unknown = [], []
-    for method, url in arm:
-        need = arm_need(method, url)
-        (needs.append(need) if need else unknown.append(f"{method} {url}"))
-    for method, url in storage:
-        need = storage_need(method, url, services)
-        (needs.append(need) if need else unknown.append(f"{method} {url}"))
+    classified = [(f"{m} {u}", arm_need(m, u)) for m, u in arm] + \
+                 [(f"{m} {u}", storage_need(m, u, services)) for m, u in storage]
+    needs = [need for _, need in classified if need is not None]
+    unknown = [call for call, need in classified if need is None]
     assert not unknown, f"calls the matrix does not know: add a rule to tests/test_permissions.py: {unknown}"
     names = {n.name for n in needs}
     # The run really went through every step (a matrix over half a run would prove little).
@@ -254,12 +251,11 @@ def test_every_call_of_a_whole_run_on_azure_is_in_the_matrix_and_granted(capture
 
 # ---- the captured run ------------------------------------------------------------------------------
 
-from tests.test_azureml_backend import (  # noqa: E402 - the backend's fixtures and recorded answers
+# The backend's fixtures (backend, settings, transport: pytest finds them by name) and recorded answers.
+from tests.test_azureml_backend import (  # noqa: E402,F401
     ARM, RECORDED_ENDPOINT, backend, dataset, deployment, endpoint, job, mlflow_routes, recorded,
     recorded_deployment_put, settings, transport,
 )
-
-__all__ = ["backend", "settings", "transport"]  # fixtures, used by name
 
 
 @pytest.fixture
@@ -337,3 +333,13 @@ def captured(backend, transport, settings, monkeypatch):
                 urlsplit(storage.table_service.url).port: "table"}
     local = [(m, u) for m, u, _ in storage_calls if urlsplit(u).port in services]
     return arm, local, services
+
+
+def test_the_seeds_list_sizes_call_is_one_no_role_of_the_app_reaches():
+    """Why GPUs per node come from a table: the seed's compute.list_sizes() is a subscription-scope read."""
+    url = ("https://management.azure.com/subscriptions/00000000-0000-0000-0000-000000000/providers/"
+           "Microsoft.MachineLearningServices/locations/westus/vmSizes?api-version=2024-10-01")
+    need = arm_need("GET", url)
+    assert need is not None and need.scope == "subscription"
+    assert uncovered([need], grants()) == [
+        "VM sizes list: app needs Microsoft.MachineLearningServices/locations/vmsizes/read at subscription"]

@@ -1,6 +1,7 @@
 """The Azure ML backend: the seed notebook's steps with `azure-ai-ml`, split across events, never waiting.
 
-    submit_finetune   (ingest)      clients -> foundation model -> compute checks -> train/test split
+    submit_finetune   (ingest)      clients -> foundation model -> deployment size, compute and datastore checks
+                                    -> train/test split
                                     -> `chat_completion_pipeline` job named after the run, tagged with it
     get_job           (job events)  status; metrics through the workspace's MLflow REST API; failure reason
     register_model    (job events)  `azureml://jobs/<job>/outputs/trained_model` as MLFLOW_MODEL, one version per run
@@ -346,7 +347,7 @@ class AzureMLBackend:
                                    f"of those sizes and set {setting} to it.", code="compute_not_allowed")
         elif size.lower() in UNSUPPORTED_FINETUNE_SIZES:
             raise BackendError(f"Cluster {name} has VM size {size}, which is not supported for fine-tuning: create a "
-                               f"cluster of a newer GPU size (e.g. Standard_NC24rs_v3) and set {setting} to it.",
+                               f"cluster of a current GPU size (e.g. Standard_NC24ads_A100_v4) and set {setting} to it.",
                                code="compute_not_supported")
         gpus = self.settings.azureml_gpus_per_node or gpus_per_node(size)
         if gpus < 1:
