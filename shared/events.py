@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from shared.backends.base import JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, job_status
+from shared.status import JobStatus, job_status
 
 RUN_COMPLETED = "Microsoft.MachineLearningServices.RunCompleted"
 RUN_STATUS_CHANGED = "Microsoft.MachineLearningServices.RunStatusChanged"
@@ -23,7 +23,7 @@ RUN_EVENT_TYPES = (RUN_COMPLETED, RUN_STATUS_CHANGED)
 RUN_ID_TAG = "tunedrop_run_id"
 
 #: The statuses an event can end a job with.
-TERMINAL_STATUSES = (JOB_COMPLETED, JOB_FAILED, JOB_CANCELED)
+TERMINAL_STATUSES = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED)
 
 
 def _lower_keys(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -122,7 +122,7 @@ class RunEvent:
         """`Completed` for RunCompleted; else the reported `runStatus` in its canonical spelling
         (Microsoft's sample sends "failed"; this says "Failed")."""
         if self.event_type == RUN_COMPLETED:
-            return JOB_COMPLETED
+            return JobStatus.COMPLETED
         return job_status(self._data.get("runstatus"))
 
     @property
@@ -150,7 +150,7 @@ def run_event(
         "runTags": dict(run_tags),
         "runProperties": dict(run_properties or {}),
     }
-    if status == JOB_COMPLETED:
+    if status == JobStatus.COMPLETED:
         event_type = RUN_COMPLETED
     else:
         event_type = RUN_STATUS_CHANGED

@@ -23,21 +23,16 @@ from shared import faults, runs
 from shared.backends.base import (
     DEPLOY_CREATING,
     DEPLOY_READY,
-    JOB_CANCELED,
-    JOB_COMPLETED,
-    JOB_FAILED,
-    JOB_NOT_FOUND,
-    JOB_RUNNING,
     BackendError,
     JobInfo,
     ModelRef,
-    get_backend,
-    job_status,
     run_of_job,
 )
+from shared.backends import get_backend
 from shared.events import RunEvent
 from shared.runs import Run, RunStore, utcnow
 from shared.settings import Settings
+from shared.status import ACTIVE, ENDED_BADLY, JobStatus, job_status
 from shared.training import TrainingConfig, TrainingConfigError
 from shared.webhooks import Outbox
 
@@ -56,7 +51,7 @@ CLAIM_LEASE = timedelta(minutes=10)
 #: How long a pair's train half waits for its test half before its run fails.
 PAIR_WAIT = timedelta(hours=1)
 #: Job statuses that mean "on its way"; Azure ML reports several before Running.
-ACTIVE_JOB_STATUSES = ("NotStarted", "Queued", "Preparing", "Provisioning", "Starting", "Running", "Finalizing")
+ACTIVE_JOB_STATUSES = ACTIVE
 REPORT_ISSUES_KEPT = 20
 
 
@@ -125,7 +120,7 @@ class Pipeline:
     @property
     def backend(self):
         if self._backend is None:
-            self._backend = get_backend(self.settings)
+            self._backend = get_backend(self.settings, self.storage)
         return self._backend
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -395,12 +390,12 @@ class Pipeline:
         status = job_status(status)
         if status in ACTIVE_JOB_STATUSES:
             return self._move(run.run_id, runs.RUNNING, "run.running", {"job_name": run.job_name})
-        if status == JOB_COMPLETED:
+        if status == JobStatus.COMPLETED:
             job = job or self.backend.get_job(run.job_name)
             moved = self._move(run.run_id, runs.SUCCEEDED, "run.succeeded",
                                {"job_name": run.job_name, "metrics": job.metrics}, metrics=job.metrics)
             return self.advance(moved or self.store.get(run.run_id))
-        if status in (JOB_FAILED, JOB_CANCELED, JOB_NOT_FOUND):
+        if status in ENDED_BADLY:
             job = job or self.backend.get_job(run.job_name)
             reason = job.error or f"Job {run.job_name} ended {status}."
             return self._move(run.run_id, runs.FAILED, "run.failed",
@@ -547,7 +542,7 @@ class Pipeline:
             if self._fail(run, f"Job {run.job_name} still {job.status} after "
                                f"{self.settings.job_timeout_minutes:g} minutes.", "job_timeout"):
                 result.failed.append(run.run_id)
-        elif job.status == JOB_RUNNING and run.state == runs.SUBMITTED:
+        elif job.status == JobStatus.RUNNING and run.state == runs.SUBMITTED:
             self._move(run.run_id, runs.RUNNING, "run.running", {"job_name": run.job_name})
 
     def _sweep_advance(self, run: Run, now: datetime, result: SweepResult) -> None:

@@ -17,23 +17,32 @@ import logging
 import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timedelta, timezone
+from enum import StrEnum
 from typing import Any, ClassVar
 
 log = logging.getLogger("tunedrop.runs")
 
 PARTITION = "run"
 
-RECEIVED = "received"
-VALIDATING = "validating"
-REJECTED = "rejected"
-SUBMITTED = "submitted"
-RUNNING = "running"
-SUCCEEDED = "succeeded"
-REGISTERED = "registered"
-DEPLOYING = "deploying"
-DEPLOYED = "deployed"
-TORN_DOWN = "torn_down"
-FAILED = "failed"
+class RunState(StrEnum):
+    """Where a run is; stored and shown as its value."""
+
+    RECEIVED = "received"
+    VALIDATING = "validating"
+    REJECTED = "rejected"
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    REGISTERED = "registered"
+    DEPLOYING = "deploying"
+    DEPLOYED = "deployed"
+    TORN_DOWN = "torn_down"
+    FAILED = "failed"
+
+
+# The states by name, as the rest of the code reads them (runs.DEPLOYED).
+(RECEIVED, VALIDATING, REJECTED, SUBMITTED, RUNNING, SUCCEEDED, REGISTERED, DEPLOYING, DEPLOYED, TORN_DOWN,
+ FAILED) = RunState
 
 #: The happy path, in order: a transition to a state at or before the current one is stale.
 ORDER = (RECEIVED, VALIDATING, SUBMITTED, RUNNING, SUCCEEDED, REGISTERED, DEPLOYING, DEPLOYED, TORN_DOWN)

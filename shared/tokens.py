@@ -67,15 +67,10 @@ def find_tokenizer(base_model: str, model_cache_dir: Path | str | None):
         import tokenizers  # noqa: F401
     except ImportError:
         return None
-    from shared.backends.local.models import MARKER, SMOLLM2, TINY_RANDOM, TOKENIZER_ENTRY
+    from shared.model_cache import MARKER, tokenizer_folders
 
     name = str(base_model).strip()
-    candidates = []
-    if Path(name).is_absolute():
-        candidates.append(Path(name))
-    elif name in (SMOLLM2, TINY_RANDOM) and model_cache_dir:
-        cache = Path(model_cache_dir).expanduser()
-        candidates += [cache / SMOLLM2, cache / TOKENIZER_ENTRY, cache / TINY_RANDOM]
+    candidates = [Path(name)] if Path(name).is_absolute() else tokenizer_folders(name, model_cache_dir)
     for folder in candidates:
         if (folder / "tokenizer.json").is_file() and (Path(name).is_absolute() or (folder / MARKER).is_file()):
             try:

@@ -220,6 +220,34 @@ def test_submit_builds_the_seed_pipeline_job(backend, transport, settings):
     assert test and sorted(train + test) == sorted(dataset().splitlines())
 
 
+@pytest.mark.parametrize("n, test_fraction, seed", [(50, 0.1, 42), (7, 0.5, 3), (2, 0.01, 1), (1, 0.3, 9)])
+def test_both_backends_split_a_dataset_identically(backend, transport, settings, tmp_path, n, test_fraction, seed):
+    from shared.backends.local.trainer import parse_dataset, split_examples
+
+    run = stored_run(settings)
+    container = default_storage().blob_service.get_container_client(settings.training_container)
+    etag = container.upload_blob("chat.jsonl", dataset(n), overwrite=True).get_blob_properties().etag
+    run = Run(run.run_id, dataset_container=run.dataset_container, dataset_blob="chat.jsonl", dataset_etag=etag,
+              base_model=MODEL, created_at=run.created_at)
+    config = TrainingConfig().with_overrides({"test_fraction": test_fraction, "seed": seed})
+    backend.write_split(run, config)
+    data = default_storage().blob_service.get_container_client(settings.azureml_data_container)
+
+    def written(side):
+        try:
+            return [json.loads(line)["messages"] for line in data.download_blob(f"{run.run_id}/{side}.jsonl").readall()
+                    .splitlines()]
+        except Exception:  # noqa: BLE001 - an empty side is not written
+            return []
+    on_azure = (written("train"), written("test"))
+    (tmp_path / "chat.jsonl").write_bytes(dataset(n))
+    local = split_examples(parse_dataset(tmp_path / "chat.jsonl", "jsonl"), test_fraction, seed)
+    assert on_azure == local
+    assert sorted(map(json.dumps, local[0] + local[1])) == sorted(
+        json.dumps(json.loads(line)["messages"]) for line in dataset(n).splitlines())
+    assert (len(local[1]) > 0) == (n >= 2)  # a test example whenever there are two or more
+
+
 def test_a_repeated_submit_finds_the_job_instead_of_making_a_second(backend, transport, settings):
     run = stored_run(settings)
     transport.on("GET", rf"{ARM}/jobs/tunedrop-{run.run_id}\?", job(f"tunedrop-{run.run_id}", "Running"))

@@ -38,10 +38,6 @@ from shared.backends.base import (
     DEPLOY_FAILED,
     DEPLOY_MISSING,
     DEPLOY_READY,
-    JOB_CANCELED,
-    JOB_COMPLETED,
-    JOB_FAILED,
-    JOB_NOT_FOUND,
     BackendError,
     DeploymentInfo,
     JobInfo,
@@ -49,9 +45,10 @@ from shared.backends.base import (
     ScoringTarget,
     endpoint_name_for,
     job_name_for,
-    job_status,
 )
 from shared.events import RUN_ID_TAG
+from shared.split import split_stream
+from shared.status import JobStatus, job_status
 from shared.training import TrainingConfig
 
 log = logging.getLogger("tunedrop.backends.azureml")
@@ -188,8 +185,9 @@ def _error_code(exc) -> tuple[str, str]:
 class AzureMLBackend:
     name = "azureml"
 
-    def __init__(self, settings, credential=None, transport=None):
+    def __init__(self, settings, credential=None, transport=None, storage=None):
         self.settings = settings
+        self._storage = storage  # where the split and the deployment record go; default: the process's
         self.subscription_id, self.resource_group, self.workspace_name = settings.workspace_scope
         self._credential = credential
         self._transport = transport  # tests: an azure.core transport answering recorded-shaped JSON
@@ -198,6 +196,14 @@ class AzureMLBackend:
         self._keys: dict[str, tuple[float, ScoringTarget]] = {}
 
     # ---- clients (lazy, once per backend; the pipeline keeps one backend per process) --------------
+
+    @property
+    def storage(self):
+        if self._storage is None:
+            from shared.storage import default_storage
+
+            self._storage = default_storage()
+        return self._storage
 
     @property
     def credential(self):
@@ -363,16 +369,13 @@ class AzureMLBackend:
 
         Whatever format was dropped (.jsonl, .jsonl.gz, Parquet), the pipeline gets chat JSONL, one
         `{"messages": [...]}` per line, as the validator read it. A train/test pair is copied as given.
-        A single file is split: an example goes to test when a hash of (seed, its index) falls under
-        test_fraction: deterministic, one pass, bounded memory (blocks of 4 MiB are staged as they
-        fill). The last example of each side is held back so neither ends empty. Returns the
+        A single file is split by :func:`shared.split.split_stream`, as the local backend splits it:
+        deterministic, one pass, bounded memory (blocks of 4 MiB are staged as they fill). Returns the
         `azureml://datastores/...` URIs the pipeline reads.
         """
         from azure.core.exceptions import ResourceExistsError
 
-        from shared.storage import default_storage
-
-        service = default_storage().blob_service
+        service = self.storage.blob_service
         container = service.get_container_client(self.settings.azureml_data_container)
         try:
             container.create_container()
@@ -386,20 +389,9 @@ class AzureMLBackend:
                 for line in _chat_lines(service, run.dataset_container, blob, etag):
                     writers[side].write(line)
         else:
-            held: dict[str, bytes | None] = {"train": None, "test": None}
-            threshold = int(config.test_fraction * 2**32)
-            for index, line in enumerate(_chat_lines(service, run.dataset_container, run.dataset_blob,
-                                                     run.dataset_etag)):
-                digest = hashlib.sha256(f"{config.seed}:{index}".encode()).digest()
-                side = "test" if int.from_bytes(digest[:4], "big") < threshold else "train"
-                if held[side] is not None:
-                    writers[side].write(held[side])
-                held[side] = line
-            if config.test_fraction > 0 and held["test"] is None and held["train"] is not None:
-                held["test"], held["train"] = held["train"], None  # the last example is the test set
-            for side, line in held.items():
-                if line is not None:
-                    writers[side].write(line)
+            lines = _chat_lines(service, run.dataset_container, run.dataset_blob, run.dataset_etag)
+            for side, line in split_stream(lines, config.test_fraction, config.seed):
+                writers[side].write(line)
         writers["train"].commit()
         if with_test:
             writers["test"].commit()
@@ -500,12 +492,12 @@ class AzureMLBackend:
     def get_job(self, job_name: str) -> JobInfo:
         job = self._existing_job(job_name)
         if job is None:
-            return JobInfo(job_name, JOB_NOT_FOUND, error=f"Job {job_name} does not exist in workspace "
+            return JobInfo(job_name, JobStatus.NOT_FOUND, error=f"Job {job_name} does not exist in workspace "
                                                           f"{self.workspace_name}.")
         status = job_status(job.status)
-        if status == JOB_COMPLETED:
+        if status == JobStatus.COMPLETED:
             return JobInfo(job_name, status, metrics=self.job_metrics(job_name))
-        if status in (JOB_FAILED, JOB_CANCELED):
+        if status in (JobStatus.FAILED, JobStatus.CANCELED):
             return JobInfo(job_name, status, error=self.job_error(job_name, status, getattr(job, "studio_url", "")))
         return JobInfo(job_name, status)
 
@@ -736,9 +728,7 @@ class AzureMLBackend:
     # ---- deployment operation record ---------------------------------------------------------------
 
     def _state_blob(self, endpoint_name: str):
-        from shared.storage import default_storage
-
-        return default_storage().blob_service.get_blob_client(
+        return self.storage.blob_service.get_blob_client(
             self.settings.azureml_data_container, f"{STATE_PREFIX}/{endpoint_name}.json")
 
     def _record_operation(self, endpoint_name: str, url: str | None) -> None:

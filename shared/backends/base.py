@@ -10,32 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from shared.status import TERMINAL
+
 if TYPE_CHECKING:
     from shared.runs import Run
     from shared.training import TrainingConfig
-
-# Job statuses, with Azure ML's spelling.
-JOB_RUNNING = "Running"
-JOB_COMPLETED = "Completed"
-JOB_FAILED = "Failed"
-JOB_CANCELED = "Canceled"
-JOB_NOT_FOUND = "NotFound"
-#: Every status an Azure ML job reports (azure-ai-ml's REST enum JobStatus), in its own spelling.
-#: Azure ML itself is not consistent about the casing (its RunStatusChanged sample says "failed"),
-#: so a status read from the outside goes through :func:`job_status` first.
-JOB_STATUSES = ("NotStarted", "Starting", "Provisioning", "Preparing", "Queued", JOB_RUNNING, "Finalizing",
-                "CancelRequested", JOB_COMPLETED, JOB_FAILED, JOB_CANCELED, "NotResponding", "Paused", "Unknown",
-                JOB_NOT_FOUND)
-_CANONICAL_STATUS = {status.lower(): status for status in JOB_STATUSES}
-#: Statuses after which a job never changes again.
-TERMINAL_JOB_STATUSES = (JOB_COMPLETED, JOB_FAILED, JOB_CANCELED, JOB_NOT_FOUND)
-
-
-def job_status(value) -> str:
-    """A job status in its canonical spelling, whatever the casing it came in ("failed" -> "Failed");
-    an SDK enum is read by its value. An unknown status is kept as given (stripped)."""
-    text = str(getattr(value, "value", value) or "").strip()
-    return _CANONICAL_STATUS.get(text.lower(), text)
 
 # Deployment states.
 DEPLOY_CREATING = "creating"
@@ -62,7 +41,7 @@ class JobInfo:
 
     @property
     def is_terminal(self) -> bool:
-        return self.status in TERMINAL_JOB_STATUSES
+        return self.status in TERMINAL
 
 
 @dataclass(frozen=True)
@@ -154,16 +133,3 @@ def run_of_job(job_name: str) -> tuple[str, int] | None:
         if run_id and job_name_for(run_id, attempt) == job_name:
             return run_id, attempt
     return None
-
-
-def get_backend(settings) -> Backend:
-    """The configured backend; its module (and its heavy imports) loads only now."""
-    if settings.backend == "local":
-        from shared.backends.local import LocalBackend
-
-        return LocalBackend(settings)
-    if settings.backend == "azureml":
-        from shared.backends.azureml import AzureMLBackend
-
-        return AzureMLBackend(settings)
-    raise BackendError(f"Unknown backend {settings.backend!r}: use local or azureml.", code="bad_setting")

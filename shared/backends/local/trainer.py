@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from shared.events import RUN_ID_TAG, run_event
+from shared.split import split_examples
 from shared.training import TrainingConfig
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -107,20 +108,6 @@ def parse_dataset(path: Path, format: str = "jsonl") -> list[list[dict[str, str]
                 yield chunk
 
     return list(iter_conversations(chunks(), format=format))
-
-
-def split_examples(examples: Sequence[Any], test_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """Deterministic train/test split; at least one test example when there are two or more."""
-    n = len(examples)
-    n_test = 0
-    if n >= 2 and test_fraction > 0:
-        n_test = min(n - 1, max(1, round(n * test_fraction)))
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    test_ids = set(order[:n_test])
-    train = [e for i, e in enumerate(examples) if i not in test_ids]
-    test = [e for i, e in enumerate(examples) if i in test_ids]
-    return train, test
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
