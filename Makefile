@@ -24,6 +24,7 @@ demo: setup
 	$(VENV)/bin/tunedrop demo
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 # checkov in its own venv: its pins (and its size) stay out of the app's. No network at scan time.

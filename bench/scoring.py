@@ -44,9 +44,7 @@ def deploy(base_model: str, state_dir: Path):
     settings = Settings.from_env()
     host = LocalHost(function_app.app, environ=env, port=port, root=ROOT, state_dir=state_dir, poll_interval_s=0.3)
     host.start()
-    container = default_storage().blob_service.get_container_client(settings.training_container)
-    if not container.exists():
-        container.create_container()
+    container = default_storage().ensure_container(settings.training_container)
     sample = ROOT / "samples" / "chat-sample.jsonl"
     etag = container.get_blob_client(sample.name).upload_blob(sample.read_bytes())["etag"]
     run_id = runs.run_id_for(settings.training_container, sample.name, etag)
@@ -78,13 +76,13 @@ def measure(targets: dict[str, tuple[str, dict]], concurrency: int, requests: in
     walls = {name: 0.0 for name in targets}
     limits = httpx.Limits(max_connections=concurrency * 2)
     with httpx.Client(limits=limits) as client, ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for name, (url, headers) in targets.items():  # warm-up
+        for url, headers in targets.values():  # warm-up
             timed(client, url, headers)
         rounds = max(1, requests // concurrency)
         for _ in range(rounds):
             for name, (url, headers) in targets.items():
                 started = time.perf_counter()
-                results[name] += list(pool.map(lambda _: timed(client, url, headers), range(concurrency)))
+                results[name] += list(pool.map(lambda _, u=url, h=headers: timed(client, u, h), range(concurrency)))
                 walls[name] += time.perf_counter() - started
     out = {}
     for name, samples in results.items():

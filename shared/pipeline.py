@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from shared import faults, runs
+from shared.backends import get_backend
 from shared.backends.base import (
     DEPLOY_CREATING,
     DEPLOY_READY,
@@ -28,7 +29,7 @@ from shared.backends.base import (
     ModelRef,
     run_of_job,
 )
-from shared.backends import get_backend
+from shared.coerce import to_bool
 from shared.events import RunEvent
 from shared.runs import Run, RunStore, utcnow
 from shared.settings import Settings
@@ -85,9 +86,21 @@ def training_config(settings: Settings, metadata: dict[str, str] | None, sidecar
         config = config.with_overrides(overrides, "TUNEDROP_TRAINING_OVERRIDES")
     per_blob = {k[len(OVERRIDE_PREFIX):].lower(): v for k, v in (metadata or {}).items()
                 if k.lower().startswith(OVERRIDE_PREFIX) and k.lower() != FORCE_KEY}
+    forced(metadata)  # a force flag that is neither true nor false is refused here, with the overrides
     if sidecar:
         config = config.with_overrides(sidecar, sidecar_name)
     return config.with_overrides(per_blob, "blob metadata")
+
+
+def forced(metadata: dict[str, str] | None) -> bool:
+    """Whether blob metadata asks to train content an earlier run trained (FORCE_KEY)."""
+    value = next((v for k, v in (metadata or {}).items() if k.lower() == FORCE_KEY), None)
+    if value is None:
+        return False
+    try:
+        return to_bool(value)
+    except ValueError as exc:
+        raise TrainingConfigError(f"blob metadata: {FORCE_KEY}: {exc}.") from None
 
 
 def parse_sidecar(name: str, raw: bytes) -> dict[str, Any]:
@@ -259,7 +272,7 @@ class Pipeline:
                               {"dataset": name, "report": report_dict, "summary": report.summary(), "quarantine": location},
                               report=_compact(report_dict), error=report.summary())
         earlier = self._same_content(run_id, content.hexdigest(), config)
-        force = str((props.metadata or {}).get(FORCE_KEY, "")).lower() in ("1", "true", "yes")
+        force = forced(props.metadata)
         if earlier is not None and not force:
             message = (f"Same content and training parameters as run {earlier.run_id} ({earlier.state}): nothing new "
                        f"to train. Set blob metadata {FORCE_KEY}=true to train it again.")
@@ -336,13 +349,9 @@ class Pipeline:
     def _quarantine(self, blob, etag: str, run_id: str, report: dict[str, Any] | None) -> dict[str, str]:
         """Move the rejected blob to the quarantine container, its report beside it."""
         from azure.core import MatchConditions
-        from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
-        container = self.storage.blob_service.get_container_client(self.settings.quarantine_container)
-        try:
-            container.create_container()
-        except ResourceExistsError:
-            pass
+        container = self.storage.ensure_container(self.settings.quarantine_container)
         base = f"{run_id}/{blob.blob_name.rsplit('/', 1)[-1]}"
         source = blob.download_blob(etag=etag, match_condition=MatchConditions.IfNotModified)
         container.upload_blob(base, source.chunks(), overwrite=True,

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from shared import runs
-from shared.chat import ChatRequestError, conversation, messages
 from shared.backends.base import BackendError
+from shared.chat import ChatRequestError, conversation, messages
 
 log = logging.getLogger("tunedrop.scoring")
 

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from shared.coerce import to_kind
+
 #: App setting (prefix) naming the storage connection the triggers and the core use. Locally it
 #: holds an Azurite connection string; in Azure, `TUNEDROP_STORAGE__blobServiceUri`,
 #: `__queueServiceUri` and `__tableServiceUri` with the managed identity.
@@ -329,14 +331,10 @@ def _convert(f, raw: str):
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         if isinstance(default, Path):
             return Path(raw).expanduser()
-        if isinstance(default, bool):
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a valid {type(default).__name__}.") from None
+        if isinstance(default, (bool, int, float)):
+            return to_kind(type(default), raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r} is not a valid {type(default).__name__}: {exc}.") from None
     return raw
 
 

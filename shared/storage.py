@@ -82,6 +82,17 @@ class Storage:
             name, message_encode_policy=BinaryBase64EncodePolicy(), message_decode_policy=BinaryBase64DecodePolicy()
         )
 
+    def ensure_container(self, name: str):
+        """A client for a blob container that exists: created if it was not (a concurrent creator is fine)."""
+        from azure.core.exceptions import ResourceExistsError
+
+        container = self.blob_service.get_container_client(name)
+        try:
+            container.create_container()
+        except ResourceExistsError:
+            pass
+        return container
+
     def ensure_queue(self, name: str):
         """A base64 queue client (see :meth:`queue`) for a queue that exists: created if it was not."""
         from azure.core.exceptions import ResourceExistsError

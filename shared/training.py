@@ -11,6 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from shared.coerce import to_kind
+
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -95,24 +97,7 @@ class TrainingConfig:
 def _coerce(f, value: Any, source: str):
     kind = type(f.default)
     try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("true", "1", "yes"):
-                return True
-            if text in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
+        return to_kind(kind, value)
     except (TypeError, ValueError):
         raise TrainingConfigError(
             f"{source}: {f.name} must be a {kind.__name__}, got {value!r}."

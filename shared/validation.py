@@ -29,6 +29,9 @@ from itertools import islice, repeat
 from operator import eq
 from typing import Any, Iterable, Iterator, Literal
 
+import msgspec
+from msgspec import UNSET, UnsetType
+
 __all__ = [
     "CODES",
     "FORMATS",
@@ -246,8 +249,6 @@ def _reject_constant(name):
 
 _decode = json.JSONDecoder(object_pairs_hook=_strict_pairs, parse_constant=_reject_constant).decode
 
-import msgspec
-from msgspec import UNSET, UnsetType
 
 # msgspec is strict RFC 8259: it refuses NaN/Infinity, lone surrogate escapes, invalid UTF-8,
 # control characters in strings, leading zeros and trailing data; what it lets through that we
@@ -1010,7 +1011,7 @@ class _Validator:
         if weighted:
             if any(w is not UNSET and w != 0 and w != 1 for w in weights):
                 return False
-            if all(w == 0 for r, w in zip(roles, weights) if r == "assistant"):
+            if all(w == 0 for r, w in zip(roles, weights, strict=False) if r == "assistant"):
                 return False
             strings += weighted
         ends_in_backslash = sum(map(str.endswith, contents, repeat("\\", n)))
@@ -1040,7 +1041,7 @@ class _Validator:
                          "end with the assistant's reply or drop the trailing turns",
                          ln, f"messages[{len(roles) - 1}].role")
         if self.collect:
-            self.out.append([{"role": r, "content": c} for r, c in zip(roles, contents)])
+            self.out.append([{"role": r, "content": c} for r, c in zip(roles, contents, strict=False)])
         if not self.track:
             return
         rc = self.role_counts

@@ -12,7 +12,6 @@ import json
 import os
 import re
 from pathlib import Path
-from datetime import datetime, timezone
 
 import pytest
 
@@ -173,9 +172,7 @@ def dataset(n: int = 20) -> bytes:
 
 
 def stored_run(settings, run_id: str = "chat-0123456789ab", **fields) -> Run:
-    container = default_storage().blob_service.get_container_client(settings.training_container)
-    if not container.exists():
-        container.create_container()
+    container = default_storage().ensure_container(settings.training_container)
     etag = container.upload_blob("chat.jsonl", dataset(), overwrite=True).get_blob_properties().etag
     return Run(run_id, dataset_container=settings.training_container, dataset_blob="chat.jsonl", dataset_etag=etag,
                base_model=MODEL, created_at="2024-05-01T10:00:00.123456+00:00", **fields)
@@ -494,10 +491,10 @@ def test_each_deployment_error_is_mapped_to_its_fix(backend, transport, code, fi
     transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}/deployments\?", {"value": []})
     message = f"{code}: details from Azure ML"
     if when == "at_put":
-        transport.on("PUT", rf"/deployments/demo\?", error(400, code, message))
+        transport.on("PUT", r"/deployments/demo\?", error(400, code, message))
     else:
         # The recorded PUT's Azure-AsyncOperation URL is where the operation's error will be.
-        transport.on("PUT", rf"/deployments/demo\?", recorded_deployment_put(ep))
+        transport.on("PUT", r"/deployments/demo\?", recorded_deployment_put(ep))
         status = r"/mfeOperationsStatus/odidp:5881e5dc"
         transport.on("GET", status, recorded("online_deployment", "GET", 200, status))  # "Updating"
         assert backend.get_deployment(ep).state == DEPLOY_CREATING
@@ -515,7 +512,7 @@ def test_a_forbidden_operation_status_still_fails_the_deployment_clearly(backend
     ep = "td-chat-0123456789"
     tags = {RUN_ID_TAG: "r", "model_name": "m", "model_version": "1"}
     transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}\?", endpoint(ep, "Succeeded", tags))
-    transport.on("PUT", rf"/deployments/demo\?", recorded_deployment_put(ep))
+    transport.on("PUT", r"/deployments/demo\?", recorded_deployment_put(ep))
     assert backend.get_deployment(ep).state == DEPLOY_CREATING
     transport.on("GET", r"/mfeOperationsStatus/", error(403, "AuthorizationFailed", "no access at subscription scope"))
     transport.on("GET", rf"{ARM}/onlineEndpoints/{ep}/deployments/demo\?", deployment(ep, "Failed"))
@@ -588,7 +585,8 @@ def test_score_sends_the_seed_request_with_the_key_and_maps_endpoint_failures(ba
 
 # ---- the real thing (opt-in) -----------------------------------------------------------------------------
 
-LIVE = os.environ.get("TUNEDROP_AZUREML_LIVE") == "1" and os.environ.get("TUNEDROP_WORKSPACE_ID", "").startswith("/subscriptions/")
+LIVE = (os.environ.get("TUNEDROP_AZUREML_LIVE") == "1"
+        and os.environ.get("TUNEDROP_WORKSPACE_ID", "").startswith("/subscriptions/"))
 
 
 @pytest.mark.skipif(not LIVE, reason="live Azure ML test: set TUNEDROP_AZUREML_LIVE=1, TUNEDROP_WORKSPACE_ID, "
@@ -598,9 +596,7 @@ def test_live_whole_chain_on_a_real_workspace(storage_env):  # pragma: no cover 
 
     settings = Settings.from_env({**os.environ, "TUNEDROP_BACKEND": "azureml"})
     pipeline = Pipeline(settings)
-    container = default_storage().blob_service.get_container_client(settings.training_container)
-    if not container.exists():
-        container.create_container()
+    container = default_storage().ensure_container(settings.training_container)
     container.upload_blob("live.jsonl", dataset(40), overwrite=True,
                           metadata={"tunedrop_num_train_epochs": "1", "tunedrop_max_steps": "5"})
     run = pipeline.ingest(container.get_blob_client("live.jsonl"))

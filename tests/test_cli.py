@@ -3,8 +3,8 @@
 import json
 
 from click.testing import CliRunner
-
 from standardwebhooks.webhooks import Webhook
+
 from tunedrop.cli import cli
 from tunedrop.readme import README, blocks, render
 

@@ -18,8 +18,48 @@ def test_settings_defaults_and_types_from_environment():
     assert Settings.from_env({"TUNEDROP_BACKEND": "azureml"}).effective_base_model == "Phi-3-mini-4k-instruct"
 
 
+@pytest.mark.parametrize("text", ["1", "true", "YES", " on ", "0", "False", "no", "OFF", "maybe", "2", "", "tru"])
+def test_a_setting_a_training_parameter_and_the_force_flag_read_a_boolean_alike(text):
+    """One coercion (shared/coerce.py): what one reads as true the others do; what one refuses all refuse."""
+    from shared.pipeline import forced
+
+    outcomes = []
+    for read in (lambda: Settings.from_env({"TUNEDROP_COUNT_TOKENS": text}).count_tokens,
+                 lambda: TrainingConfig().with_overrides({"apply_lora": text}).apply_lora,
+                 lambda: forced({"tunedrop_force": text})):
+        try:
+            outcomes.append(read())
+        except (SettingsError, TrainingConfigError) as exc:
+            assert repr(text) in str(exc)
+            outcomes.append("refused")
+    if text == "":  # an empty setting means "the default"; an empty override is refused
+        assert outcomes == [True, "refused", "refused"]
+    else:
+        assert len(set(outcomes)) == 1, outcomes
+        assert outcomes[0] == {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False,
+                               "no": False, "off": False}.get(text.strip().lower(), "refused")
+
+
+@pytest.mark.parametrize("value, ok", [("7", 7), (7.0, 7), ("7.5", None), (7.5, None), (True, None), ("nan", None)])
+def test_numbers_are_read_alike_too(value, ok):
+    from shared.coerce import to_int
+
+    try:
+        got = to_int(value)
+    except ValueError:
+        got = None
+    assert got == ok
+    if isinstance(value, str):
+        try:
+            setting = Settings.from_env({"TUNEDROP_MIN_EXAMPLES": value}).min_examples
+        except SettingsError:
+            setting = None
+        assert setting == ok
+
+
 @pytest.mark.parametrize("env, message", [
     ({"TUNEDROP_MIN_EXAMPLES": "ten"}, "TUNEDROP_MIN_EXAMPLES='ten' is not a valid int"),
+    ({"TUNEDROP_COUNT_TOKENS": "maybe"}, "TUNEDROP_COUNT_TOKENS='maybe' is not a valid bool"),
     ({"TUNEDROP_BACKEND": "sagemaker"}, "use 'local' or 'azureml'"),
     ({"TUNEDROP_WEBHOOK_URLS": "http://a"}, "TUNEDROP_WEBHOOK_SECRET"),
 ])

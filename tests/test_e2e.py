@@ -4,8 +4,8 @@ model server -> score through the HTTP function -> webhooks verified -> sweeper 
 
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +19,8 @@ from shared.settings import Settings
 from shared.storage import default_storage, reset_default_storage
 from shared.webhooks import new_secret
 from tests.receiver import Receiver
-from tunedrop.azurite import ACCOUNT_KEY as AZURITE_KEY, free_port
+from tunedrop.azurite import ACCOUNT_KEY as AZURITE_KEY
+from tunedrop.azurite import free_port
 from tunedrop.host import LocalHost
 from tunedrop.local import PROJECT_ROOT, embedded_environment
 
@@ -64,9 +65,7 @@ def app(storage_env, model_cache, monkeypatch, tmp_path):
 
 
 def drop(settings, name: str, data: bytes) -> str:
-    container = default_storage().blob_service.get_container_client(settings.training_container)
-    if not container.exists():
-        container.create_container()
+    container = default_storage().ensure_container(settings.training_container)
     result = container.get_blob_client(name).upload_blob(data, overwrite=True)
     return runs.run_id_for(settings.training_container, name, result["etag"])
 

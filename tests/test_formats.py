@@ -271,7 +271,7 @@ def test_the_typed_path_finds_every_doubled_key(contents, system, prompt, dup, r
     sep = [":", " : ", ":\t"][rng % 3]
     msgs = []
     roles = (["system"] if system else []) + ["user", "assistant"] * len(contents)
-    for i, (role, text) in enumerate(zip(roles, contents + contents)):
+    for i, (role, text) in enumerate(zip(roles, contents + contents, strict=False)):
         pairs = [(_key("role", rng + i), _string(role, 0)), (_key("content", rng + i), _string(text, rng + i))]
         if dup and dup[1] in ("role", "content", "weight") and dup[0] % len(contents) == i:
             again = {"role": _string(role, 0), "content": _string(text, rng), "weight": "1"}[dup[1]]

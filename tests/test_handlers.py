@@ -7,8 +7,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import azure.functions as func
-from azure.functions.timer import TimerRequest
 import pytest
+from azure.functions.timer import TimerRequest
 
 from shared import runs
 from shared.backends.base import job_name_for
@@ -43,9 +43,7 @@ def queued_webhooks(settings):
 
 
 def upload(settings, name, data: bytes, metadata=None):
-    container = default_storage().blob_service.get_container_client(settings.training_container)
-    if not container.exists():
-        container.create_container()
+    container = default_storage().ensure_container(settings.training_container)
     container.upload_blob(name, data, overwrite=True, metadata=metadata)
     return container.get_blob_client(name)
 

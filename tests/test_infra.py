@@ -227,7 +227,7 @@ def test_each_delivered_event_parses_to_a_status_the_pipeline_acts_on(status):
 
 
 def test_every_subscription_retries_and_dead_letters():
-    bodies = list(_subscriptions(EVENTGRID.read_text()).values()) + list(_subscriptions(WORKSPACE_SUBSCRIPTIONS.read_text()).values())
+    bodies = [*_subscriptions(EVENTGRID.read_text()).values(), *_subscriptions(WORKSPACE_SUBSCRIPTIONS.read_text()).values()]
     assert len(bodies) == 3
     for body in bodies:
         assert "retryPolicy: retryPolicy" in body and "deadLetterWithResourceIdentity: deadLetter" in body

@@ -253,13 +253,23 @@ def test_every_call_of_a_whole_run_on_azure_is_in_the_matrix_and_granted(capture
 
 # The backend's fixtures (backend, settings, transport: pytest finds them by name) and recorded answers.
 from tests.test_azureml_backend import (  # noqa: E402,F401
-    ARM, RECORDED_ENDPOINT, backend, dataset, deployment, endpoint, job, mlflow_routes, recorded,
-    recorded_deployment_put, settings, transport,
+    ARM,
+    RECORDED_ENDPOINT,
+    backend,
+    dataset,
+    deployment,
+    endpoint,
+    job,
+    mlflow_routes,
+    recorded,
+    recorded_deployment_put,
+    settings,
+    transport,
 )
 
 
 @pytest.fixture
-def captured(backend, transport, settings, monkeypatch):
+def captured(backend, transport, settings, monkeypatch):  # noqa: F811 - the imported fixtures
     """Every HTTP request of one run through Azure, from the dataset's drop to its endpoint's teardown."""
     import dataclasses
     import json
@@ -269,7 +279,7 @@ def captured(backend, transport, settings, monkeypatch):
     from shared import runs
     from shared.backends.base import endpoint_name_for
     from shared.event_queue import RunEventQueue
-    from shared.events import RUN_ID_TAG, run_event, RunEvent
+    from shared.events import RUN_ID_TAG, RunEvent, run_event
     from shared.pipeline import Pipeline
     from shared.storage import default_storage
     from shared.webhooks import new_secret
@@ -286,9 +296,7 @@ def captured(backend, transport, settings, monkeypatch):
                                    webhook_secret=new_secret())
     backend.settings = settings
     pipeline = Pipeline(settings, backend=backend)
-    container = default_storage().blob_service.get_container_client(settings.training_container)
-    if not container.exists():
-        container.create_container()
+    container = default_storage().ensure_container(settings.training_container)
     container.upload_blob("bad.jsonl", b'{"messages": 5}\n', overwrite=True)
     assert pipeline.ingest(container.get_blob_client("bad.jsonl")).state == runs.REJECTED  # quarantined
     container.upload_blob("chat.jsonl", dataset(), overwrite=True)

@@ -4,6 +4,7 @@ import time
 from datetime import datetime, timezone
 
 import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from shared.settings import Settings
 from shared.storage import default_storage
@@ -20,7 +21,6 @@ from shared.webhooks import (
     sign,
     webhook_id,
 )
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from tests.receiver import Receiver
 
 

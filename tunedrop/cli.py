@@ -86,7 +86,7 @@ def up(port: int, verbose: bool):
     import logging
 
     from tunedrop.azurite import Azurite, AzuriteError
-    from tunedrop.host import LocalHost
+    from tunedrop.host import LocalHost, load_app
     from tunedrop.local import embedded_environment
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -105,12 +105,10 @@ def up(port: int, verbose: bool):
         raise click.ClickException(str(exc)) from None
     env = embedded_environment(azurite.connection_string, state_dir=state_dir, port=port)
     os.environ.update(env)
-    sys.path.insert(0, str(PROJECT_ROOT))
-    import function_app
-
-    host = LocalHost(function_app.app, environ=env, port=port, root=PROJECT_ROOT, state_dir=state_dir)
+    app = load_app("function_app", PROJECT_ROOT)  # as the Functions worker loads it
+    host = LocalHost(app, environ=env, port=port, root=PROJECT_ROOT, state_dir=state_dir)
     host.start()
-    click.echo(f"Functions host on http://127.0.0.1:{port} ({len(function_app.app.get_functions())} functions).")
+    click.echo(f"Functions host on http://127.0.0.1:{port} ({len(app.get_functions())} functions).")
     click.echo("Drop a dataset: tunedrop drop FILE   |   follow it: tunedrop status   |   Ctrl-C stops.")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the same way on SIGTERM as on Ctrl-C
     try:
@@ -138,7 +136,6 @@ def drop(file: Path, name: str | None, overrides: tuple[str, ...]):
     (NAME.train.jsonl + NAME.test.jsonl, or DIR/train.jsonl + DIR/test.jsonl) brings its other
     half: the test half goes up first, so that the run starts as the train half arrives.
     """
-    from azure.core.exceptions import ResourceExistsError
 
     from shared.datasets import pair_half
     from shared.pipeline import SIDECAR_SUFFIX
@@ -163,11 +160,7 @@ def drop(file: Path, name: str | None, overrides: tuple[str, ...]):
                                      f"found: end it in .{dropped.half}{dropped.suffix}.", param_hint="--name")
         partner = test if file == train else train
         names[partner] = half.stem + half.other + pair_half(partner.as_posix()).suffix
-    container = default_storage().blob_service.get_container_client(settings.training_container)
-    try:
-        container.create_container()
-    except ResourceExistsError:
-        pass
+    container = default_storage().ensure_container(settings.training_container)
 
     def upload(path: Path, blob: str, meta=None):
         with open(path, "rb") as handle:

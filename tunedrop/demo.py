@@ -103,7 +103,6 @@ def _prepare_model(base_model: str, cache_dir: Path, prompt: str) -> tuple[float
 
 def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-instruct", timeout_s: float = 900,
              verbose: bool = False, state_dir: Path | None = None) -> int:
-    from azure.core.exceptions import ResourceExistsError
 
     from shared import runs
     from shared.settings import Settings
@@ -111,7 +110,7 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
     from shared.webhooks import new_secret
     from tunedrop.azurite import Azurite, free_port
     from tunedrop.client import ApiClient
-    from tunedrop.host import LocalHost
+    from tunedrop.host import LocalHost, load_app
     from tunedrop.local import embedded_environment
 
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(asctime)s %(name)s %(message)s")
@@ -146,22 +145,15 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
         prepare_s, base_answer = _prepare_model(base_model, settings.model_cache_dir, prompt)
         _step(clock, f"  ready in {prepare_s:.1f} s; before fine-tuning it answers {prompt!r} with {base_answer!r}")
 
-        sys.path.insert(0, str(PROJECT_ROOT))
-        import function_app
-
-        host = LocalHost(function_app.app, environ=env, port=port, root=PROJECT_ROOT, state_dir=state_dir,
-                         poll_interval_s=0.5)
+        app = load_app("function_app", PROJECT_ROOT)  # as the Functions worker loads it
+        host = LocalHost(app, environ=env, port=port, root=PROJECT_ROOT, state_dir=state_dir, poll_interval_s=0.5)
         host.start()
         _step(clock, f"Local Functions host on http://127.0.0.1:{port}: "
-                     + ", ".join(f.get_function_name() for f in function_app.app.get_functions()))
+                     + ", ".join(f.get_function_name() for f in app.get_functions()))
 
         from shared.storage import default_storage
 
-        container = default_storage().blob_service.get_container_client(settings.training_container)
-        try:
-            container.create_container()
-        except ResourceExistsError:
-            pass
+        container = default_storage().ensure_container(settings.training_container)
         with open(dataset, "rb") as handle:
             result = container.get_blob_client(dataset.name).upload_blob(handle, overwrite=True)
         run_id = runs.run_id_for(settings.training_container, dataset.name, result["etag"])

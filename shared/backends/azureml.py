@@ -32,7 +32,6 @@ import time
 from datetime import datetime
 from typing import Any
 
-from shared.backends.gpu_sizes import gpus_per_node
 from shared.backends.base import (
     DEPLOY_CREATING,
     DEPLOY_FAILED,
@@ -46,6 +45,7 @@ from shared.backends.base import (
     endpoint_name_for,
     job_name_for,
 )
+from shared.backends.gpu_sizes import gpus_per_node
 from shared.events import RUN_ID_TAG
 from shared.split import split_stream
 from shared.status import JobStatus, job_status
@@ -373,14 +373,9 @@ class AzureMLBackend:
         deterministic, one pass, bounded memory (blocks of 4 MiB are staged as they fill). Returns the
         `azureml://datastores/...` URIs the pipeline reads.
         """
-        from azure.core.exceptions import ResourceExistsError
 
         service = self.storage.blob_service
-        container = service.get_container_client(self.settings.azureml_data_container)
-        try:
-            container.create_container()
-        except ResourceExistsError:
-            pass
+        container = self.storage.ensure_container(self.settings.azureml_data_container)
         paths = {"train": f"{run.run_id}/train.jsonl", "test": f"{run.run_id}/test.jsonl"}
         writers = {side: _BlockWriter(container.get_blob_client(path)) for side, path in paths.items()}
         with_test = bool(run.test_blob) or config.test_fraction > 0
@@ -734,14 +729,10 @@ class AzureMLBackend:
     def _record_operation(self, endpoint_name: str, url: str | None) -> None:
         if not url:
             return
-        from azure.core.exceptions import ResourceExistsError
 
         blob = self._state_blob(endpoint_name)
         try:
-            try:
-                blob._get_container_client().create_container()  # noqa: SLF001
-            except ResourceExistsError:
-                pass
+            self.storage.ensure_container(self.settings.azureml_data_container)
             blob.upload_blob(json.dumps({"operation_url": url}).encode(), overwrite=True)
         except Exception as exc:  # noqa: BLE001 - only the error text of a later failure depends on it
             log.warning("endpoint %s: could not record the deployment operation: %s", endpoint_name, exc)

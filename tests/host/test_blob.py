@@ -16,7 +16,8 @@ from tests.host.conftest import wait_for
 
 @pytest.fixture
 def container(azurite, sample_env):
-    client = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client(sample_env["SAMPLE_CONTAINER"])
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    client = service.get_container_client(sample_env["SAMPLE_CONTAINER"])
     client.create_container()
     return client
 

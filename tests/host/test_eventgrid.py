@@ -10,7 +10,8 @@ from tests.host import sample_app
 
 
 def _event(subject: str, run_id: str) -> dict:
-    return {"id": f"evt-{run_id}", "topic": "/subscriptions/x/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/ws",
+    return {"id": f"evt-{run_id}",
+            "topic": "/subscriptions/x/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/ws",
             "subject": subject, "eventType": "Microsoft.MachineLearningServices.RunCompleted",
             "eventTime": "2024-05-01T10:00:00.1234567Z", "dataVersion": "2",
             "data": {"experimentName": "tunedrop", "runId": run_id, "runTags": {"tunedrop_run": "r1"}}}

@@ -11,8 +11,8 @@ import threading
 import httpx
 import pytest
 
-from tests.host.conftest import wait_for
 from tests.host import sample_app
+from tests.host.conftest import wait_for
 from tunedrop.azurite import free_port
 from tunedrop.host import LocalHost
 
@@ -43,7 +43,8 @@ def test_auth_levels_and_keys(make_host, tmp_path):
     host = make_host("secret", "admin_only")
     url = f"{host.base_url}/api/secret"
 
-    for response in (httpx.get(url), httpx.get(url, headers={"x-functions-key": "wrong"}), httpx.get(url, params={"code": "wrong"})):
+    wrong_header, wrong_code = {"x-functions-key": "wrong"}, {"code": "wrong"}
+    for response in (httpx.get(url), httpx.get(url, headers=wrong_header), httpx.get(url, params=wrong_code)):
         assert response.status_code == 401 and response.content == b""
     assert httpx.get(url, headers={"x-functions-key": host.function_key}).text == "the secret"
     assert httpx.get(url, params={"code": host.function_key}).status_code == 200
@@ -78,7 +79,8 @@ def test_failure_gives_500_without_trace_and_logs_like_the_host(make_host, caplo
 def test_a_slow_function_does_not_block_other_requests(make_host):
     host = make_host("slow", "items")
     results = {}
-    slow = threading.Thread(target=lambda: results.setdefault("slow", httpx.get(f"{host.base_url}/api/slow", params={"s": 2}, timeout=10)))
+    slow = threading.Thread(target=lambda: results.setdefault(
+        "slow", httpx.get(f"{host.base_url}/api/slow", params={"s": 2}, timeout=10)))
     slow.start()
     wait_for(lambda: httpx.get(f"{host.base_url}/api/items/1").status_code == 201, timeout=5)
     assert slow.is_alive()  # the quick request was answered while the slow one still runs

@@ -48,7 +48,8 @@ def test_failure_is_retried_with_a_higher_dequeue_count(make_host, queue):
 def test_poison_queue_after_max_dequeue_count_from_host_json(make_host, queue, azurite, sample_env, tmp_path):
     root = tmp_path / "app"
     root.mkdir()
-    (root / "host.json").write_text(json.dumps({"version": "2.0", "extensions": {"queues": {"maxDequeueCount": 3, "visibilityTimeout": "00:00:00"}}}))
+    queues = {"maxDequeueCount": 3, "visibilityTimeout": "00:00:00"}
+    (root / "host.json").write_text(json.dumps({"version": "2.0", "extensions": {"queues": queues}}))
     make_host("on_message", root=root)
     queue.send_message(b"fail")
     poison = Storage({"TUNEDROP_STORAGE": azurite.connection_string}).queue(f"{sample_env['SAMPLE_QUEUE']}-poison")

@@ -139,10 +139,10 @@ def test_labels_cover_exactly_the_assistant_replies(model_cache):
     ]
     ids, labels = encode_conversation(tokenizer, messages, max_length=512)
     assert len(ids) == len(labels)
-    assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels))
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels, strict=True))
     # contiguous labelled runs, decoded: each reply followed by its end-of-turn token
     runs, current = [], []
-    for token, label in zip(ids, labels):
+    for token, label in zip(ids, labels, strict=True):
         if label != IGNORE_INDEX:
             current.append(token)
         elif current:

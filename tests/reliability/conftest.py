@@ -51,9 +51,7 @@ def dataset(n: int = 12) -> bytes:
 
 
 def upload(settings, name: str, data: bytes):
-    container = default_storage().blob_service.get_container_client(settings.training_container)
-    if not container.exists():
-        container.create_container()
+    container = default_storage().ensure_container(settings.training_container)
     blob = container.get_blob_client(name)
     blob.upload_blob(data, overwrite=True)
     return blob

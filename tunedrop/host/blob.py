@@ -21,9 +21,9 @@ import threading
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.functions.blob import InputStream
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueServiceClient
-from azure.functions.blob import InputStream
 
 from tunedrop.host.config import HOST_CLIENT_OPTIONS, HostConfigError, resolve_settings, storage_connection_string
 from tunedrop.host.invoke import FunctionSpec

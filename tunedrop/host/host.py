@@ -185,7 +185,8 @@ class LocalHost:
                 prefix = f"/{self.config.route_prefix}" if self.config.route_prefix else ""
                 lines.append(f"\t{spec.name}: [{methods}] {self.base_url}{prefix}/{spec.trigger.get('route') or spec.name}")
             elif spec.kind == EVENT_GRID:
-                lines.append(f"\t{spec.name}: eventGridTrigger {self.base_url}/runtime/webhooks/EventGrid?functionName={spec.name}")
+                route = f"{self.base_url}/runtime/webhooks/EventGrid?functionName={spec.name}"
+                lines.append(f"\t{spec.name}: eventGridTrigger {route}")
             else:
                 lines.append(f"\t{spec.name}: {self.listeners[spec.name].describe()}")
         log.info("Functions:\n\n%s\n", "\n".join(lines))

@@ -89,7 +89,8 @@ def index_functions(app: func.FunctionApp, only: typing.Iterable[str] | None = N
                   if b.get("name") != trigger["name"] and not (trigger["type"] == HTTP and _plain(b.get("type")) == "http")]
         if others:
             kinds = ", ".join(str(_plain(b.get("type"))) for b in others)
-            raise HostConfigError(f"Function {name}: bindings other than its trigger ({kinds}) are not supported by the local host.")
+            raise HostConfigError(f"Function {name}: bindings other than its trigger ({kinds}) are not supported "
+                                  "by the local host.")
         user_func = function.get_user_function()
         signature = inspect.signature(user_func)
         if trigger["name"] not in signature.parameters:

@@ -184,7 +184,8 @@ class LocalBackend:
         if state in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED):
             return JobInfo(job_name, state, error=status.get("error", ""), metrics=status.get("metrics", {}))
         if not _alive(_read_json(job_dir / "pid.json").get("pid")):
-            return JobInfo(job_name, JobStatus.FAILED, error=f"Trainer process exited without a result; see {job_dir / 'train.log'}.")
+            return JobInfo(job_name, JobStatus.FAILED,
+                           error=f"Trainer process exited without a result; see {job_dir / 'train.log'}.")
         return JobInfo(job_name, JobStatus.RUNNING, metrics=status.get("metrics", {}))
 
     # ---- model registry (MLflow) --------------------------------------------------------------
@@ -270,7 +271,8 @@ class LocalBackend:
         if state.get("state") == "failed":
             return DeploymentInfo(DEPLOY_FAILED, error=state.get("error", "model server failed"), error_code="ServerFailed")
         if not _alive(info.get("pid")):
-            return DeploymentInfo(DEPLOY_FAILED, error=f"Model server exited; see {ep_dir / 'server.log'}.", error_code="ServerExited")
+            return DeploymentInfo(DEPLOY_FAILED, error=f"Model server exited; see {ep_dir / 'server.log'}.",
+                                  error_code="ServerExited")
         if state.get("state") == "ready":
             return DeploymentInfo(DEPLOY_READY)
         return DeploymentInfo(DEPLOY_CREATING)

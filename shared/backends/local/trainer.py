@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from shared.coerce import to_bool
 from shared.events import RUN_ID_TAG, run_event
 from shared.split import split_examples
 from shared.training import TrainingConfig
@@ -212,11 +213,9 @@ def lr_factor(kind: str, step: int, total: int, warmup: int = 0) -> float:
 
 def use_bf16() -> bool:
     """bf16 autocast (fp32 master weights) where the CPU computes bf16 natively; TUNEDROP_LOCAL_BF16=0/1 forces it."""
-    forced = os.environ.get("TUNEDROP_LOCAL_BF16", "").strip().lower()
-    if forced in ("0", "false", "no", "off"):
-        return False
-    if forced in ("1", "true", "yes", "on"):
-        return True
+    forced = os.environ.get("TUNEDROP_LOCAL_BF16", "").strip()
+    if forced:
+        return to_bool(forced)
     import torch
 
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -334,7 +333,6 @@ class Job:
         dataset = spec["dataset"]
 
         from shared.storage import Storage
-
         from shared.validation import detect_format
 
         def fetch(blob: str, etag: str | None, path: Path) -> list:
@@ -442,7 +440,7 @@ class Job:
         lengths = [len(ids) for ids, _ in train_set]
         step, tokens_seen, losses = 0, 0, []
         started = time.perf_counter()
-        for epoch in range(config.num_train_epochs):
+        for _ in range(config.num_train_epochs):
             if step >= total_steps:
                 break
             batches = [collate([train_set[i] for i in b], pad_id) for b in length_grouped_batches(lengths, bs, rng)]
