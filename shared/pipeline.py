@@ -29,24 +29,16 @@ from shared.backends.base import (
     ModelRef,
     run_of_job,
 )
-from shared.coerce import to_bool
 from shared.events import RunEvent
+from shared.intake import FORCE_KEY, SIDECAR_MAX_BYTES, SIDECAR_SUFFIX, check_dataset, forced
 from shared.runs import Run, RunStore, utcnow
 from shared.settings import Settings
 from shared.status import ACTIVE, ENDED_BADLY, JobStatus, job_status
-from shared.training import TrainingConfig, TrainingConfigError
+from shared.training import TrainingConfig
 from shared.webhooks import Outbox
 
 log = logging.getLogger("tunedrop.pipeline")
 
-#: Blob metadata keys with this prefix override training parameters for that one dataset.
-OVERRIDE_PREFIX = "tunedrop_"
-#: A JSON object of training-parameter overrides uploaded as `<dataset name>` + this, beside the
-#: dataset and before it. It is read when the dataset is ingested and never becomes a run itself.
-SIDECAR_SUFFIX = ".tunedrop.json"
-SIDECAR_MAX_BYTES = 64 * 1024
-#: Blob metadata asking to train content that an earlier run already trained with the same parameters.
-FORCE_KEY = "tunedrop_force"
 #: How long a validation claim holds before another delivery may take over (longest function run).
 CLAIM_LEASE = timedelta(minutes=10)
 #: How long a pair's train half waits for its test half before its run fails.
@@ -72,51 +64,6 @@ class SweepResult:
 def _compact(report: dict[str, Any]) -> dict[str, Any]:
     """The report as stored on the run record (Table properties are capped at 64 KiB)."""
     return {**report, "errors": report["errors"][:REPORT_ISSUES_KEPT], "warnings": report["warnings"][:REPORT_ISSUES_KEPT]}
-
-
-def training_config(settings: Settings, metadata: dict[str, str] | None, sidecar: dict[str, Any] | None = None,
-                    sidecar_name: str = "sidecar") -> TrainingConfig:
-    """The seed's defaults < TUNEDROP_TRAINING_OVERRIDES < the sidecar file < blob metadata."""
-    config = TrainingConfig()
-    if settings.training_overrides:
-        try:
-            overrides = json.loads(settings.training_overrides)
-        except json.JSONDecodeError as exc:
-            raise TrainingConfigError(f"TUNEDROP_TRAINING_OVERRIDES is not JSON: {exc.msg}.") from None
-        config = config.with_overrides(overrides, "TUNEDROP_TRAINING_OVERRIDES")
-    per_blob = {k[len(OVERRIDE_PREFIX):].lower(): v for k, v in (metadata or {}).items()
-                if k.lower().startswith(OVERRIDE_PREFIX) and k.lower() != FORCE_KEY}
-    forced(metadata)  # a force flag that is neither true nor false is refused here, with the overrides
-    if sidecar:
-        config = config.with_overrides(sidecar, sidecar_name)
-    return config.with_overrides(per_blob, "blob metadata")
-
-
-def forced(metadata: dict[str, str] | None) -> bool:
-    """Whether blob metadata asks to train content an earlier run trained (FORCE_KEY)."""
-    value = next((v for k, v in (metadata or {}).items() if k.lower() == FORCE_KEY), None)
-    if value is None:
-        return False
-    try:
-        return to_bool(value)
-    except ValueError as exc:
-        raise TrainingConfigError(f"blob metadata: {FORCE_KEY}: {exc}.") from None
-
-
-def parse_sidecar(name: str, raw: bytes) -> dict[str, Any]:
-    """The overrides in a sidecar file's bytes; TrainingConfigError naming the file when they are not a JSON object."""
-    if len(raw) > SIDECAR_MAX_BYTES:
-        raise TrainingConfigError(f"{name}: over {SIDECAR_MAX_BYTES // 1024} KiB; it holds only a JSON object "
-                                  "of training parameters.")
-    try:
-        overrides = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TrainingConfigError(f"{name}: not JSON ({exc}); write an object such as "
-                                  '{"num_train_epochs": 1}.') from None
-    if not isinstance(overrides, dict):
-        raise TrainingConfigError(f"{name}: a JSON object of training parameters is needed, "
-                                  f"not {type(overrides).__name__}.")
-    return overrides
 
 
 class Pipeline:
@@ -151,17 +98,16 @@ class Pipeline:
         return self._move(run.run_id, runs.FAILED, "run.failed", {"error": error, "code": code, "failed_in": run.state},
                           error=error)
 
-    def _sidecar(self, blob) -> tuple[str, dict[str, Any] | None]:
-        """(its name, the overrides) of the dataset's sidecar `<name>.tunedrop.json`, if one exists."""
+    def _sidecar(self, blob) -> tuple[str, bytes | None]:
+        """(its name, its bytes or None) of the dataset's sidecar `<name>.tunedrop.json`."""
         from azure.core.exceptions import ResourceNotFoundError
 
         name = blob.blob_name + SIDECAR_SUFFIX
         client = self.storage.blob_service.get_blob_client(blob.container_name, name)
         try:
-            raw = client.download_blob(offset=0, length=SIDECAR_MAX_BYTES + 1).readall()
+            return name, client.download_blob(offset=0, length=SIDECAR_MAX_BYTES + 1).readall()
         except ResourceNotFoundError:
             return name, None
-        return name, parse_sidecar(name, raw)
 
     # ---- ingest -------------------------------------------------------------------------------
 
@@ -174,7 +120,6 @@ class Pipeline:
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
         from shared.datasets import pair_half
-        from shared.validation import Issue, detect_format, validate_chunks, validate_pair
 
         try:
             props = blob.get_blob_properties()
@@ -210,37 +155,18 @@ class Pipeline:
             log.info("run %s: already %s, duplicate delivery ignored", run_id, run.state)
             return run
         try:
-            config_error = None
-            try:
-                sidecar_name, sidecar = self._sidecar(blob)
-                config = training_config(self.settings, props.metadata, sidecar, sidecar_name)
-                if config.base_model:
-                    self.backend.check_base_model(config.base_model)
-            except TrainingConfigError as exc:
-                config, config_error = None, exc
-            except BackendError as exc:
-                if exc.retryable:
-                    raise
-                config, config_error = None, exc
-            from shared.tokens import tokenizer_for
-
             content = hashlib.sha256()
 
             def chunks(client, version):
                 stream = client.download_blob(etag=version, match_condition=MatchConditions.IfNotModified)
                 return (content.update(chunk) or chunk for chunk in stream.chunks())
 
-            options = dict(min_examples=self.settings.min_examples, max_errors=self.settings.max_errors,
-                           max_line_bytes=self.settings.max_line_bytes,
-                           tokenizer=tokenizer_for(self.settings, config.base_model if config else ""),
-                           max_seq_length=(config or TrainingConfig()).max_seq_length)
             if claimed.test_blob:
                 test = test or self.storage.blob_service.get_blob_client(container, claimed.test_blob)
-                report = validate_pair(chunks(blob, etag), chunks(test, claimed.test_etag), train_source=name,
-                                       test_source=claimed.test_blob, train_format=detect_format(name),
-                                       test_format=detect_format(claimed.test_blob), **options)
-            else:
-                report = validate_chunks(chunks(blob, etag), source=name, format=detect_format(name), **options)
+            report, config = check_dataset(
+                self.settings, (name, chunks(blob, etag)),
+                (claimed.test_blob, chunks(test, claimed.test_etag)) if claimed.test_blob else None,
+                metadata=props.metadata, sidecar=self._sidecar(blob), check_base_model=self.backend.check_base_model)
         except ResourceModifiedError:
             # Overwritten while we read it: the new version has its own run; this one ends here.
             return self._fail(claimed, "The blob was overwritten during validation; its new version is a new run.",
@@ -251,17 +177,6 @@ class Pipeline:
         except Exception as exc:
             self.store.release(claimed, f"{type(exc).__name__}: {exc}")
             raise
-        if config_error is not None:
-            where = ("base_model" if isinstance(config_error, BackendError)
-                     else "sidecar" if str(config_error).startswith(name + SIDECAR_SUFFIX) else "metadata")
-            report.reject(Issue(code="bad_override", message=str(config_error), field=where))
-        elif report.accepted:
-            from shared.tokens import estimate
-
-            training = estimate(report.stats, config, self.settings.backend, self.settings.estimate_tokens_per_s,
-                                self.settings.estimate_cost_per_hour)
-            if training:
-                report.stats["training"] = training
         report_dict = report.to_dict()
         if not report.accepted:
             location = self._quarantine(blob, etag, run_id, report_dict)

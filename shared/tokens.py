@@ -22,7 +22,7 @@ MESSAGE_OVERHEAD = 5
 CHARS_PER_TOKEN = 4
 
 #: Rough fine-tuning throughput in trained tokens per second, and price per hour, by compute.
-#: Measured for local (SmolLM2-135M, LoRA, CPU, see DESIGN.md); the Azure ML figure is an order of
+#: Measured for local (SmolLM2-135M, LoRA, CPU: bench/training.py); the Azure ML figure is an order of
 #: magnitude for Phi-3-mini LoRA on one V100 (Standard_NC6s_v3, pay-as-you-go list price), not a
 #: quote. Override both with TUNEDROP_ESTIMATE_TOKENS_PER_S / TUNEDROP_ESTIMATE_COST_PER_HOUR.
 THROUGHPUT = {

@@ -21,7 +21,12 @@ def _param(default, help: str):
 
 
 class TrainingConfigError(ValueError):
-    """An override names an unknown parameter or gives it a value of the wrong kind."""
+    """An override names an unknown parameter or gives it a value of the wrong kind. ``field``: where
+    it came from ("settings", "sidecar", "metadata"), once known."""
+
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)

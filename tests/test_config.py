@@ -21,7 +21,7 @@ def test_settings_defaults_and_types_from_environment():
 @pytest.mark.parametrize("text", ["1", "true", "YES", " on ", "0", "False", "no", "OFF", "maybe", "2", "", "tru"])
 def test_a_setting_a_training_parameter_and_the_force_flag_read_a_boolean_alike(text):
     """One coercion (shared/coerce.py): what one reads as true the others do; what one refuses all refuse."""
-    from shared.pipeline import forced
+    from shared.intake import forced
 
     outcomes = []
     for read in (lambda: Settings.from_env({"TUNEDROP_COUNT_TOKENS": text}).count_tokens,

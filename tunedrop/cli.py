@@ -39,7 +39,7 @@ def _api(call):
 
 def _override_metadata(overrides: tuple[str, ...]) -> dict[str, str]:
     """`--set KEY=VALUE` options as the blob metadata they become."""
-    from shared.pipeline import OVERRIDE_PREFIX
+    from shared.intake import OVERRIDE_PREFIX
 
     metadata = {}
     for item in overrides:
@@ -138,7 +138,7 @@ def drop(file: Path, name: str | None, overrides: tuple[str, ...]):
     """
 
     from shared.datasets import pair_half
-    from shared.pipeline import SIDECAR_SUFFIX
+    from shared.intake import SIDECAR_SUFFIX
     from shared.runs import run_id_for
     from shared.storage import default_storage
 
@@ -249,37 +249,27 @@ def validate(file: Path, as_json: bool, min_examples: int | None, tokens: bool |
     and checks half of a train/test pair together with its other half when that is beside it.
     Exit 0 accepted, 1 rejected, 2 unreadable.
     """
+    import contextlib
     import dataclasses
 
-    from shared.pipeline import SIDECAR_SUFFIX, parse_sidecar, training_config
-    from shared.tokens import estimate, tokenizer_for
-    from shared.training import TrainingConfig, TrainingConfigError
-    from shared.validation import Issue, detect_format, validate_pair, validate_path
+    from shared.intake import SIDECAR_SUFFIX, check_dataset
 
     settings = _settings()
     if tokens is not None:
         settings = dataclasses.replace(settings, count_tokens=tokens)
     metadata = _override_metadata(overrides)
     train, test = _dataset_files(file)
-    sidecar_path = train.with_name(train.name + SIDECAR_SUFFIX)
-    config_error = None
+    sidecar = train.with_name(train.name + SIDECAR_SUFFIX)
+
+    def chunks(handle):
+        return iter(lambda: handle.read(1 << 20), b"")
+
     try:
-        sidecar = parse_sidecar(sidecar_path.name, sidecar_path.read_bytes()) if sidecar_path.is_file() else None
-        config = training_config(settings, metadata, sidecar, sidecar_path.name)
-    except TrainingConfigError as exc:
-        config, config_error = TrainingConfig(), exc
-    options = dict(min_examples=min_examples if min_examples is not None else settings.min_examples,
-                   max_errors=settings.max_errors, max_line_bytes=settings.max_line_bytes,
-                   tokenizer=tokenizer_for(settings, config.base_model), max_seq_length=config.max_seq_length)
-    try:
-        if test is None:
-            report = validate_path(train, **options)
-        else:
-            with open(train, "rb") as train_file, open(test, "rb") as test_file:
-                report = validate_pair(iter(lambda: train_file.read(1 << 20), b""), iter(lambda: test_file.read(1 << 20), b""),
-                                       train_source=train.name, test_source=test.name,
-                                       train_format=detect_format(train.name), test_format=detect_format(test.name),
-                                       **options)
+        with open(train, "rb") as train_file, open(test, "rb") if test else contextlib.nullcontext() as test_file:
+            report, _ = check_dataset(
+                settings, (train.name, chunks(train_file)), (test.name, chunks(test_file)) if test else None,
+                metadata=metadata, sidecar=(sidecar.name, sidecar.read_bytes() if sidecar.is_file() else None),
+                min_examples=min_examples)
     except OSError as exc:
         if as_json:
             click.echo(json.dumps({"accepted": False, "errors": [{"line": None, "code": "unreadable",
@@ -288,14 +278,6 @@ def validate(file: Path, as_json: bool, min_examples: int | None, tokens: bool |
         else:
             click.echo(f"Error: cannot read {exc.filename or file}: {exc.strerror}", err=True)
         sys.exit(2)
-    if config_error is not None:
-        where = "sidecar" if str(config_error).startswith(sidecar_path.name) else "metadata"
-        report.reject(Issue(code="bad_override", message=str(config_error), field=where))
-    elif report.accepted:
-        training = estimate(report.stats, config, settings.backend, settings.estimate_tokens_per_s,
-                            settings.estimate_cost_per_hour)
-        if training:
-            report.stats["training"] = training
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:
