@@ -111,3 +111,16 @@ def test_run_event_round_trip_and_case_insensitive_keys():
     failed = RunEvent(id="1", event_type="Microsoft.MachineLearningServices.RunStatusChanged", topic="/ws",
                       subject="experiments/e/runs/job-2", data={"runStatus": "Failed"})
     assert (failed.run_id, failed.run_status, failed.tunedrop_run_id) == ("job-2", "Failed", "")
+
+
+def test_tunedrop_up_sweeps_every_ten_seconds_unless_told_otherwise(tmp_path):
+    """A local endpoint is ready in seconds: the 5-minute Azure sweep would leave it 'deploying' that long."""
+    from tunedrop.host.timer import Schedule
+    from tunedrop.local import embedded_environment
+
+    env = embedded_environment("UseDevelopmentStorage=true", state_dir=tmp_path, base={})
+    assert Schedule(env["TUNEDROP_SWEEP_SCHEDULE"]).period_s() == 10
+    assert Settings().sweep_schedule == "0 */5 * * * *"  # Azure keeps its own
+    mine = embedded_environment("UseDevelopmentStorage=true", state_dir=tmp_path,
+                                base={"TUNEDROP_SWEEP_SCHEDULE": "*/30 * * * * *"})
+    assert mine["TUNEDROP_SWEEP_SCHEDULE"] == "*/30 * * * * *"

@@ -8,6 +8,8 @@ from pathlib import Path
 from shared.settings import Settings, binding_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: How often `tunedrop up` sweeps (NCRONTAB, seconds first): finished deployments show up within 10 s.
+LOCAL_SWEEP_SCHEDULE = "*/10 * * * * *"
 
 
 def embedded_environment(connection_string: str, *, state_dir: Path, port: int = 7071,
@@ -24,6 +26,8 @@ def embedded_environment(connection_string: str, *, state_dir: Path, port: int =
         "TUNEDROP_EVENTS_URL": f"http://127.0.0.1:{port}/runtime/webhooks/EventGrid?functionName=job_events",
         "TUNEDROP_BLOB_TRIGGER_SOURCE": "LogsAndContainerScan",
         "TUNEDROP_WEBHOOK_ALLOW_PRIVATE": "true",  # receivers on this machine
+        # A local endpoint is ready in seconds; Azure's 5-minute sweep would leave it "deploying" that long.
+        "TUNEDROP_SWEEP_SCHEDULE": LOCAL_SWEEP_SCHEDULE,
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
