@@ -126,12 +126,18 @@ class Scorer:
     def _forward(self, url: str, key: str, request: dict, headers: dict | None = None) -> ScoreResponse:
         import httpx
 
-        try:
-            reply = self.client.post(url, json=request, headers={**(headers or {}), "Authorization": f"Bearer {key}"})
-        except httpx.TimeoutException:
-            return ScoreResponse(504, {"error": "The endpoint did not answer in time."}, {"Retry-After": "10"})
-        except httpx.HTTPError:
-            return ScoreResponse(503, {"error": "The endpoint is not reachable."}, {"Retry-After": "30"})
+        for attempt in (1, 2):
+            try:
+                reply = self.client.post(url, json=request,
+                                         headers={**(headers or {}), "Authorization": f"Bearer {key}"})
+                break
+            except httpx.TimeoutException:
+                return ScoreResponse(504, {"error": "The endpoint did not answer in time."}, {"Retry-After": "10"})
+            except httpx.TransportError:
+                # A pooled keep-alive connection the endpoint had already closed fails before any answer:
+                # once more, on a fresh connection; a second failure means the endpoint is not there.
+                if attempt == 2:
+                    return ScoreResponse(503, {"error": "The endpoint is not reachable."}, {"Retry-After": "30"})
         if reply.status_code == 200:
             return ScoreResponse(200, reply.json())
         if reply.status_code == 429:

@@ -11,6 +11,9 @@ import pytest
 from shared.storage import reset_default_storage
 from tunedrop.azurite import Azurite
 
+# The Azure ML backend's fixtures (transport, settings, backend) for every module that tests it.
+pytest_plugins = ["tests.azureml_world"]
+
 
 @pytest.fixture(scope="session")
 def azurite():

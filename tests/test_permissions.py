@@ -21,6 +21,17 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from tests.azureml_world import (
+    ARM,
+    RECORDED_ENDPOINT,
+    dataset,
+    deployment,
+    endpoint,
+    job,
+    mlflow_routes,
+    recorded,
+    recorded_deployment_put,
+)
 from tests.rbac import Grant, builtin_roles, covers, grants
 
 ML = "Microsoft.MachineLearningServices"
@@ -251,25 +262,10 @@ def test_every_call_of_a_whole_run_on_azure_is_in_the_matrix_and_granted(capture
 
 # ---- the captured run ------------------------------------------------------------------------------
 
-# The backend's fixtures (backend, settings, transport: pytest finds them by name) and recorded answers.
-from tests.test_azureml_backend import (  # noqa: E402,F401
-    ARM,
-    RECORDED_ENDPOINT,
-    backend,
-    dataset,
-    deployment,
-    endpoint,
-    job,
-    mlflow_routes,
-    recorded,
-    recorded_deployment_put,
-    settings,
-    transport,
-)
 
 
 @pytest.fixture
-def captured(backend, transport, settings, monkeypatch):  # noqa: F811 - the imported fixtures
+def captured(backend, transport, settings, monkeypatch):
     """Every HTTP request of one run through Azure, from the dataset's drop to its endpoint's teardown."""
     import dataclasses
     import json

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 FAULTS = README.parent / "docs" / "dataset-faults.md"
+FAILURES_DOC = README.parent / "docs" / "run-failures.md"
 
 
 def faults_markdown() -> str:
@@ -42,6 +43,33 @@ def faults_markdown() -> str:
     return "\n".join(out) + "\n"
 
 
+def failures_markdown() -> str:
+    """docs/run-failures.md: every code a run can be refused or fail with, from shared.failures."""
+    from shared.failures import FAILURES, REJECTIONS
+
+    out = [
+        "# Run failures",
+        "",
+        "<!-- generated from shared/failures.py by `python -m tunedrop.readme`; do not edit -->",
+        "",
+        "A failed run's `error_code` (and its `run.failed` webhook's `code`) is one of these; a dataset is",
+        "refused with a fault code of [dataset-faults.md](dataset-faults.md) or a rejection code below. Two",
+        "families pass Azure's own words through: Azure ML's deployment error codes (`OutOfQuota`,",
+        "`OutOfCapacity`, `ResourceNotReady`, `BadArgument`, ..., each known one with its fix in the run's",
+        "error) and `http_<status>` for an Azure answer without a code. Most failures can be retried",
+        "(`tunedrop retry RUN_ID`) once their cause is mended.",
+        "",
+        "## Rejections",
+        "",
+        "| Code | Meaning |",
+        "|---|---|",
+    ]
+    out += [f"| `{code}` | {text} |" for code, text in REJECTIONS.items()]
+    out += ["", "## Failures", "", "| Code | Meaning |", "|---|---|"]
+    out += [f"| `{code}` | {text} |" for code, text in FAILURES.items()]
+    return "\n".join(out) + "\n"
+
+
 def blocks() -> dict[str, str]:
     from tunedrop.cli import cli
 
@@ -65,11 +93,11 @@ def main() -> int:
     if updated != text:
         README.write_text(updated)
         print("README.md updated")
-    faults = faults_markdown()
-    if not FAULTS.is_file() or FAULTS.read_text() != faults:
-        FAULTS.parent.mkdir(exist_ok=True)
-        FAULTS.write_text(faults)
-        print(f"{FAULTS.relative_to(README.parent)} updated")
+    for path, content in ((FAULTS, faults_markdown()), (FAILURES_DOC, failures_markdown())):
+        if not path.is_file() or path.read_text() != content:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(content)
+            print(f"{path.relative_to(README.parent)} updated")
     return 0
 
 

@@ -328,12 +328,22 @@ class Job:
                 pass
 
     def train(self) -> dict[str, Any]:
-        spec = self.spec
-        config = TrainingConfig().with_overrides(spec.get("config") or {}, source="job config")
-        dataset = spec["dataset"]
+        """Load the data, build the model, run the loop, save: the local counterpart of the pipeline job."""
+        config = TrainingConfig().with_overrides(self.spec.get("config") or {}, source="job config")
+        train_rows, test_rows = self._load_data(config)
+        model, tokenizer, train_set, test_set = self._build(config, train_rows, test_rows)
+        metrics = self._loop(config, model, tokenizer, train_set, test_set)
+        self._save(config, model, tokenizer)
+        log(f"train_runtime_s {metrics['train_runtime_s']:.1f} "
+            f"train_tokens_per_second {metrics['train_tokens_per_second']:.0f}")
+        return metrics
 
+    def _load_data(self, config: TrainingConfig) -> tuple[list, list]:
+        """(train, test) conversations: a pair as given, a single file split as on Azure ML (shared/split.py)."""
         from shared.storage import Storage
         from shared.validation import detect_format
+
+        dataset = self.spec["dataset"]
 
         def fetch(blob: str, etag: str | None, path: Path) -> list:
             Storage().download_blob(dataset["container"], blob, etag, path)
@@ -344,13 +354,16 @@ class Job:
 
         conversations = fetch(dataset["blob"], dataset.get("etag"), self.dir / "dataset.data")
         if dataset.get("test"):  # a train/test pair: used as given
-            train_rows = conversations
             test_rows = fetch(dataset["test"]["blob"], dataset["test"].get("etag"), self.dir / "test.data")
-            log(f"dataset: {len(train_rows)} train ({dataset['blob']}), {len(test_rows)} test ({dataset['test']['blob']})")
-        else:
-            train_rows, test_rows = split_examples(conversations, config.test_fraction, config.seed)
-            log(f"dataset: {len(train_rows)} train, {len(test_rows)} test (split {config.test_fraction:g})")
+            log(f"dataset: {len(conversations)} train ({dataset['blob']}), {len(test_rows)} test "
+                f"({dataset['test']['blob']})")
+            return conversations, test_rows
+        train_rows, test_rows = split_examples(conversations, config.test_fraction, config.seed)
+        log(f"dataset: {len(train_rows)} train, {len(test_rows)} test (split {config.test_fraction:g})")
+        return train_rows, test_rows
 
+    def _build(self, config: TrainingConfig, train_rows: list, test_rows: list):
+        """(model with LoRA adapters when asked, tokenizer, encoded train set, encoded test set)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         import torch
@@ -358,18 +371,15 @@ class Job:
         from shared.backends.local.models import resolve_base_model
 
         torch.set_num_threads(os.cpu_count() or 1)
-        import mlflow
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
 
-        cache_dir = spec.get("model_cache_dir") or str(Path.home() / ".cache" / "tunedrop")
-        base_dir = resolve_base_model(spec["base_model"], Path(cache_dir))
+        cache_dir = self.spec.get("model_cache_dir") or str(Path.home() / ".cache" / "tunedrop")
+        base_dir = resolve_base_model(self.spec["base_model"], Path(cache_dir))
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
         train_set = [e for e in (encode_conversation(tokenizer, m, config.max_seq_length) for m in train_rows) if e]
         test_set = [e for e in (encode_conversation(tokenizer, m, config.max_seq_length) for m in test_rows) if e]
         if not train_set:
@@ -391,6 +401,15 @@ class Job:
                     task_type="CAUSAL_LM",
                 ),
             )
+        return model, tokenizer, train_set, test_set
+
+    def _loop(self, config: TrainingConfig, model, tokenizer, train_set: list, test_set: list) -> dict[str, Any]:
+        """The optimisation loop, logged to MLflow step by step; returns the run's metrics."""
+        import mlflow
+        import torch
+
+        spec = self.spec
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         bf16 = use_bf16()
         trainable = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in trainable)
@@ -492,24 +511,26 @@ class Job:
             },
             step=step,
         )
+        return metrics
+
+    def _save(self, config: TrainingConfig, model, tokenizer) -> None:
+        """The trained model (adapters or weights) as an MLflow model folder, logged to the run."""
+        import mlflow
+        from mlflow.models import Model
 
         out = self.dir / "model"
         out.mkdir(exist_ok=True)
         model.config.use_cache = True  # as saved for inference
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
-        info = {"base_model": spec["base_model"], "adapter": bool(config.apply_lora)}
+        info = {"base_model": self.spec["base_model"], "adapter": bool(config.apply_lora)}
         (out / MODEL_INFO_FILE).write_text(json.dumps(info) + "\n")
         # An MLmodel file makes the folder an MLflow model: register_model("runs:/<id>/model") accepts it.
-        from mlflow.models import Model
-
         mlmodel = Model(artifact_path=MODEL_ARTIFACT_PATH, run_id=self.mlflow_run_id)
         mlmodel.add_flavor("tunedrop", **info)
         mlmodel.save(str(out / "MLmodel"))
         mlflow.log_artifacts(str(out), artifact_path=MODEL_ARTIFACT_PATH)
         mlflow.end_run()
-        log(f"train_runtime_s {runtime:.1f} train_tokens_per_second {metrics['train_tokens_per_second']:.0f}")
-        return metrics
 
 
 def artifact_location(spec: dict[str, Any]) -> str | None:
