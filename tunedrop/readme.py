@@ -16,58 +16,42 @@ FAULTS = README.parent / "docs" / "dataset-faults.md"
 FAILURES_DOC = README.parent / "docs" / "run-failures.md"
 
 
+def code_page(title: str, source: str, intro: list[str], sections: dict[str, dict[str, str]]) -> str:
+    """A generated page of codes: a title, where it comes from, an introduction, a table a section."""
+    out = [f"# {title}", "", f"<!-- generated from {source} by `python -m tunedrop.readme`; do not edit -->", "",
+           *intro]
+    for heading, codes in sections.items():
+        out += ["", f"## {heading}", "", "| Code | Meaning |", "|---|---|"]
+        out += [f"| `{code}` | {text} |" for code, text in codes.items()]
+    return "\n".join(out) + "\n"
+
+
 def faults_markdown() -> str:
     """docs/dataset-faults.md: every validation code, from shared.validation's catalogue."""
     from shared.validation import ERROR_CODES, FORMATS, WARNING_CODES
 
-    out = [
-        "# Dataset faults",
-        "",
-        "<!-- generated from shared/validation.py by `python -m tunedrop.readme`; do not edit -->",
-        "",
+    return code_page("Dataset faults", "shared/validation.py", [
         "Every problem `tunedrop validate` and the `ingest` function report carries one of these stable",
         "`code`s, the 1-based `line` (the row, for Parquet; none for file-level faults), a `field` path such",
         "as `messages[2].role`, and a message that says what to do. Any error rejects the dataset (it is",
         "moved to the quarantine container with its report); warnings do not.",
         "",
         f"Formats: {', '.join(f'`{f}`' for f in FORMATS)} (chosen by the file name: `*.parquet`, `*.gz`, else JSONL).",
-        "",
-        "## Errors",
-        "",
-        "| Code | Meaning |",
-        "|---|---|",
-    ]
-    out += [f"| `{code}` | {text} |" for code, text in ERROR_CODES.items()]
-    out += ["", "## Warnings", "", "| Code | Meaning |", "|---|---|"]
-    out += [f"| `{code}` | {text} |" for code, text in WARNING_CODES.items()]
-    return "\n".join(out) + "\n"
+    ], {"Errors": ERROR_CODES, "Warnings": WARNING_CODES})
 
 
 def failures_markdown() -> str:
     """docs/run-failures.md: every code a run can be refused or fail with, from shared.failures."""
     from shared.failures import FAILURES, REJECTIONS
 
-    out = [
-        "# Run failures",
-        "",
-        "<!-- generated from shared/failures.py by `python -m tunedrop.readme`; do not edit -->",
-        "",
+    return code_page("Run failures", "shared/failures.py", [
         "A failed run's `error_code` (and its `run.failed` webhook's `code`) is one of these; a dataset is",
         "refused with a fault code of [dataset-faults.md](dataset-faults.md) or a rejection code below. Two",
         "families pass Azure's own words through: Azure ML's deployment error codes (`OutOfQuota`,",
         "`OutOfCapacity`, `ResourceNotReady`, `BadArgument`, ..., each known one with its fix in the run's",
         "error) and `http_<status>` for an Azure answer without a code. Most failures can be retried",
         "(`tunedrop retry RUN_ID`) once their cause is mended.",
-        "",
-        "## Rejections",
-        "",
-        "| Code | Meaning |",
-        "|---|---|",
-    ]
-    out += [f"| `{code}` | {text} |" for code, text in REJECTIONS.items()]
-    out += ["", "## Failures", "", "| Code | Meaning |", "|---|---|"]
-    out += [f"| `{code}` | {text} |" for code, text in FAILURES.items()]
-    return "\n".join(out) + "\n"
+    ], {"Rejections": REJECTIONS, "Failures": FAILURES})
 
 
 def blocks() -> dict[str, str]:
