@@ -11,7 +11,7 @@ import logging
 
 import azure.functions as func
 
-from shared.event_queue import RunEventQueue
+from shared.event_queue import get_event_queue
 from shared.events import RunEvent
 from shared.pipeline import get_pipeline
 from shared.runs import InvalidTransition
@@ -24,7 +24,7 @@ log = logging.getLogger("tunedrop.functions.job_events")
 @bp.event_grid_trigger(arg_name="event")
 def job_events(event: func.EventGridEvent) -> None:
     run_event = RunEvent.from_function_event(event)
-    if RunEventQueue(Settings.from_env()).put(run_event):
+    if get_event_queue(Settings.from_env()).put(run_event):
         log.info("event %s (%s, job %s): queued", run_event.id, run_event.run_status, run_event.run_id)
 
 

@@ -11,6 +11,7 @@ changes nothing.
 from __future__ import annotations
 
 import logging
+import threading
 
 from shared.events import RunEvent
 
@@ -36,3 +37,18 @@ class RunEventQueue:
             self._queue = self._storage.ensure_queue(self._settings.job_events_queue)
         self._queue.send_message(event.to_json())
         return True
+
+
+_lock = threading.Lock()
+_queues: dict[tuple, RunEventQueue] = {}
+
+
+def get_event_queue(settings) -> RunEventQueue:
+    """The queue for ``settings``, made once per process: its client (and the queue's creation) is reused."""
+    from shared.storage import default_storage
+
+    key = (settings, id(default_storage()))
+    with _lock:
+        if key not in _queues:
+            _queues[key] = RunEventQueue(settings)
+        return _queues[key]

@@ -43,8 +43,6 @@ log = logging.getLogger("tunedrop.pipeline")
 CLAIM_LEASE = timedelta(minutes=10)
 #: How long a pair's train half waits for its test half before its run fails.
 PAIR_WAIT = timedelta(hours=1)
-#: Job statuses that mean "on its way"; Azure ML reports several before Running.
-ACTIVE_JOB_STATUSES = ACTIVE
 REPORT_ISSUES_KEPT = 20
 
 
@@ -312,7 +310,7 @@ class Pipeline:
     def _on_job_status(self, run: Run, status: str, job: JobInfo | None = None) -> Run | None:
         """Move ``run`` for its job's ``status``; ``job`` when the caller already read it (no second read)."""
         status = job_status(status)
-        if status in ACTIVE_JOB_STATUSES:
+        if status in ACTIVE:
             return self._move(run.run_id, runs.RUNNING, "run.running", {"job_name": run.job_name})
         if status == JobStatus.COMPLETED:
             job = job or self.backend.get_job(run.job_name)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from shared import events, pipeline
+from shared import events
 from shared.settings import BINDING_SETTINGS, STORAGE_CONNECTION, Settings, describe
+from shared.status import ACTIVE
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -205,7 +206,7 @@ def test_run_event_subscriptions_match_what_job_events_handles():
     failures = set(events.TERMINAL_STATUSES) - {"Completed"}
     # every failure the pipeline handles is delivered; Running too (run.running); nothing it ignores
     assert failures <= statuses
-    assert statuses - failures == {"Running"} and "Running" in pipeline.ACTIVE_JOB_STATUSES
+    assert statuses - failures == {"Running"} and "Running" in ACTIVE
 
 
 @pytest.mark.parametrize("status", ["Completed", "Running", "Failed", "Canceled"])
@@ -223,7 +224,7 @@ def test_each_delivered_event_parses_to_a_status_the_pipeline_acts_on(status):
 
     event = events.RunEvent.from_function_event(FuncEvent())
     assert event.is_run_event and event.run_status == status and event.tunedrop_run_id == "run-1"
-    assert status in pipeline.ACTIVE_JOB_STATUSES or status in events.TERMINAL_STATUSES
+    assert status in ACTIVE or status in events.TERMINAL_STATUSES
 
 
 def test_every_subscription_retries_and_dead_letters():
