@@ -68,7 +68,10 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 from shared.backends.local.models import resolve_base_model
-from shared.backends.local.trainer import LORA_TARGETS, collate, encode_conversation, evaluate, split_examples
+from shared.backends.local.examples import collate, encode_conversation
+from shared.backends.local.steps import evaluate
+from shared.backends.local.trainer import LORA_TARGETS
+from shared.split import split_examples
 
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(torch.get_num_threads())

@@ -7,7 +7,7 @@ Generates chat JSONL files (ultrachat-shaped rows, deterministic) of each size i
 then runs every variant in its own child process and reads that child's peak RSS from
 ``os.wait4`` (``ru_maxrss``), so no variant inherits another's memory:
 
-* ``tunedrop``   : ``shared.validation.validate_path`` (structural checks, stats, duplicates);
+* ``tunedrop``   : ``shared.datasets.validate_path`` (structural checks, stats, duplicates);
 * ``tunedrop+tok``: the same with token counting (SmolLM2's fast tokenizer, batched), when the
                    tokenizer is in the model cache;
 * ``pandas``     : the baseline, ``pandas.read_json(lines=True)`` then the same structural checks
@@ -80,7 +80,7 @@ def generate(path: Path, size_mb: int, seed: int = 7) -> int:
 
 def child_tunedrop(path: str, tokens: bool) -> dict:
     sys.path.insert(0, str(ROOT))
-    from shared.validation import validate_path
+    from shared.datasets import validate_path
 
     tokenizer = None
     if tokens:
@@ -137,7 +137,7 @@ def child_bare(path: str, parser: str) -> dict:
             return {"skipped": "orjson is not installed (pip install -r requirements-bench.txt)"}
     else:
         sys.path.insert(0, str(ROOT))
-        from shared.validation import _typed_loads as loads
+        from shared.datasets.rows import typed_loads as loads
     start = time.perf_counter()
     n = 0
     with open(path, "rb") as f:

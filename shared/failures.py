@@ -7,7 +7,7 @@ finds every code the code raises (`code=`, `error_code=`, `_fail(...)`) in :data
 
 Two families pass Azure's own words through and are listed by pattern: Azure ML's deployment error
 codes (`OutOfQuota`, `OutOfCapacity`, `ResourceNotReady`, `BadArgument`, ...; the fix for the known
-ones is in shared/backends/azureml.py) and `http_<status>` for an Azure answer without a code.
+ones is in shared/backends/azureml/errors.py) and `http_<status>` for an Azure answer without a code.
 """
 
 from __future__ import annotations

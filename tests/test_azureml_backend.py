@@ -96,7 +96,8 @@ def test_submit_builds_the_seed_pipeline_job(backend, transport, settings):
 
 @pytest.mark.parametrize("n, test_fraction, seed", [(50, 0.1, 42), (7, 0.5, 3), (2, 0.01, 1), (1, 0.3, 9)])
 def test_both_backends_split_a_dataset_identically(backend, transport, settings, tmp_path, n, test_fraction, seed):
-    from shared.backends.local.trainer import parse_dataset, split_examples
+    from shared.backends.local.examples import parse_dataset
+    from shared.split import split_examples
 
     run = stored_run(settings)
     container = default_storage().blob_service.get_container_client(settings.training_container)

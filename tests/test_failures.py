@@ -4,16 +4,18 @@ and the codes Azure's answers map to are each produced by the answer that means 
 from __future__ import annotations
 
 import ast
+import dataclasses
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from shared.backends.base import BackendError
+from shared.datasets import CODES as DATASET_CODES
+from shared.events import RUN_ID_TAG, RunEvent, run_event
 from shared.failures import ALL_CODES, FAILURES, JOB_STATUS_CODES
-from shared.validation import CODES as DATASET_CODES
 from tests.azureml_transport import error
-from tests.azureml_world import ARM, MODEL, endpoint, job, recorded, registry_model, stored_run
+from tests.azureml_world import ARM, MODEL, WSID, endpoint, job, recorded, registry_model, stored_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,3 +151,68 @@ def test_a_job_that_never_ends_times_out(backend, transport, settings):
     assert pipeline.sweep(now=later).failed == [run.run_id]
     failed = pipeline.store.get(run.run_id)
     assert failed.state == runs.FAILED and "still Running" in failed.error
+
+
+# ---- a job ending badly: job_<status> of the status it ended with ---------------------------------------
+
+def with_webhooks(settings):
+    """``settings`` with a webhook receiver, so that each move's webhook (its `code`) is queued."""
+    from shared.webhooks import new_secret
+
+    return dataclasses.replace(settings, webhook_urls=("https://hooks.example.com/tunedrop",),
+                               webhook_secret=new_secret())
+
+
+def webhooks(settings) -> list[dict]:
+    from shared.storage import default_storage
+    from shared.webhooks import OutboxMessage
+
+    queue = default_storage().queue(settings.webhook_queue)
+    return [OutboxMessage.from_json(m.content).payload for m in queue.peek_messages(max_messages=32)]
+
+
+def submitted_run(pipeline, settings):
+    from shared import runs
+
+    run, _ = pipeline.store.create(stored_run(settings, job_name="tunedrop-chat-0123456789ab"))
+    pipeline.store.transition(run.run_id, runs.VALIDATING)
+    return pipeline.store.transition(run.run_id, runs.SUBMITTED)
+
+
+def test_a_canceled_job_fails_the_run_as_job_canceled_and_retry_submits_a_new_job(backend, transport, settings):
+    from shared import runs
+    from shared.pipeline import Pipeline
+
+    settings = with_webhooks(settings)
+    pipeline = Pipeline(settings, backend=backend)
+    run = submitted_run(pipeline, settings)
+    transport.on("GET", rf"{ARM}/jobs/{run.job_name}\?", job(run.job_name, "Canceled"))
+    raw = run_event(status="Canceled", topic=WSID, job_name=run.job_name, experiment_name=f"chat_completion_{MODEL}",
+                    run_tags={RUN_ID_TAG: run.run_id})
+    failed = pipeline.on_run_event(RunEvent(raw["id"], raw["eventType"], raw["topic"], raw["subject"], raw["data"]))
+    assert failed.state == runs.FAILED and failed.failed_in == runs.SUBMITTED
+    assert f"Job {run.job_name} ended Canceled." in failed.error  # no run-history error: the studio is named
+    (webhook,) = [w for w in webhooks(settings) if w["type"] == "run.failed"]
+    assert webhook["data"]["code"] == "job_canceled" and webhook["data"]["error"] == failed.error
+    # Not Azure refusing the run: `tunedrop retry` submits the job again, under a new name.
+    retried = pipeline.retry(run.run_id)
+    assert (retried.state, retried.job_name) == (runs.SUBMITTED, f"{run.job_name}-r1")
+    assert [url.split("?")[0].rsplit("/", 1)[-1] for _, url, _ in transport.calls("PUT", r"/jobs/")] == [retried.job_name]
+
+
+def test_a_job_gone_from_the_workspace_fails_the_run_as_job_notfound_at_the_next_sweep(backend, transport, settings):
+    from shared import runs
+    from shared.pipeline import Pipeline
+
+    settings = with_webhooks(settings)
+    pipeline = Pipeline(settings, backend=backend)
+    run = submitted_run(pipeline, settings)
+    # No route answers the job's GET: Azure ML's recorded 404. Long before the job timeout.
+    assert pipeline.sweep().failed == [run.run_id]
+    assert transport.calls("GET", rf"{ARM}/jobs/{run.job_name}\?")
+    failed = pipeline.store.get(run.run_id)
+    assert failed.state == runs.FAILED and failed.failed_in == runs.SUBMITTED
+    assert failed.error == f"Job {run.job_name} does not exist in workspace {backend.workspace_name}."
+    (webhook,) = [w for w in webhooks(settings) if w["type"] == "run.failed"]
+    assert webhook["data"]["code"] == "job_notfound"
+    assert pipeline.sweep().failed == []  # a failed run is not swept again

@@ -11,15 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.tokens import EstimateTokenizer, estimate, find_tokenizer
-from shared.training import TrainingConfig
-from shared.validation import (
+from shared.datasets import (
     CODES,
     detect_format,
     iter_conversations,
     validate_chunks,
     validate_path,
 )
+from shared.tokens import EstimateTokenizer, estimate, find_tokenizer
+from shared.training import TrainingConfig
 from tests.test_validation import SETTINGS, chunked, codes, dataset, line, row
 
 #: Codes whose tests live here (or in test_handlers), beside test_validation's per-code cases.
@@ -61,12 +61,11 @@ def test_gzip_multi_member_and_iter_conversations():
 def test_gzip_bomb_is_decompressed_in_bounded_pieces():
     packed = gzip.compress(b"\n" * (50 << 20))  # 50 MB of blank lines in ~50 KB
     seen = []
-    from shared import validation
+    from shared.datasets.formats import GZ_OUT, GzipReader
 
-    v = validation._Validator()
-    for piece in validation._gunzip(v, [packed]):
+    for piece in GzipReader([packed]):
         seen.append(len(piece))
-    assert max(seen) <= validation._GZ_OUT and sum(seen) == 50 << 20
+    assert max(seen) <= GZ_OUT and sum(seen) == 50 << 20
 
 
 @pytest.mark.parametrize("data,words", [
@@ -168,11 +167,11 @@ def test_too_long_warning_names_count_and_first_line():
 
 
 def test_token_batches_do_not_change_counts(monkeypatch):
-    from shared import validation
+    from shared.datasets import token_count
 
     data = b"\n".join(line(row(i)) for i in range(300))
     whole = validate_chunks([data], tokenizer=EstimateTokenizer(), max_seq_length=10).stats["tokens"]
-    monkeypatch.setattr(validation, "_TOKEN_BATCH", 7)
+    monkeypatch.setattr(token_count, "TOKEN_BATCH", 7)
     assert validate_chunks([data], tokenizer=EstimateTokenizer(), max_seq_length=10).stats["tokens"] == whole
 
 
@@ -236,11 +235,11 @@ def _stdlib_sees_a_doubled_key(text: bytes) -> bool:
 @SETTINGS
 @given(objects, st.integers(0, 5))
 def test_duplicate_keys_found_exactly_as_the_stdlib_finds_them(value, style):
-    from shared.validation import _has_duplicate_key, _loads
+    from shared.datasets.strict_json import has_duplicate_key, loads
 
     text = _render(value, style).encode()
     seen_dup = _stdlib_sees_a_doubled_key(text)
-    assert _has_duplicate_key(text, _loads(text)) == seen_dup
+    assert has_duplicate_key(text, loads(text)) == seen_dup
 
 
 # Texts that stress the typed path's string count: quotes, backslashes (also last), colons, non-ASCII.
@@ -317,7 +316,7 @@ def test_pair_names():
 
 
 def test_a_pair_is_validated_as_one_report_naming_each_file():
-    from shared.validation import validate_pair
+    from shared.datasets import validate_pair
 
     train = dataset()
     test_rows = [row(1000), {"messages": [{"role": "user", "content": "new"}, {"role": "assistant", "content": "x"}]},

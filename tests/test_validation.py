@@ -1,4 +1,4 @@
-"""Tests for shared.validation: the streaming chat-JSONL validator."""
+"""Tests for shared.datasets: the streaming chat-JSONL validator."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.validation import (
+from shared.datasets import (
     CODES,
     ERROR_CODES,
     WARNING_CODES,
@@ -429,19 +429,19 @@ def test_stats_chars_median():
 
 
 def test_sizes_keep_min_max_exact_and_sample_uniformly_past_their_capacity():
-    from shared.validation import _Sizes
+    from shared.datasets.stats import Sizes
 
-    sizes = _Sizes(capacity=51)
+    sizes = Sizes(capacity=51)
     for n in range(10_000):  # ascending: a sample that kept only the first values would sit near 25
         sizes.add(n)
     median, p95 = sizes.median_p95()
     assert (sizes.seen, sizes.min, sizes.max, len(sizes.sample), sizes.exact) == (10_000, 0, 9_999, 51, False)
     assert 2_500 < median < 7_500 and median < p95 <= 9_999
-    few = _Sizes(capacity=51)
+    few = Sizes(capacity=51)
     for n in (5, 1, 4):
         few.add(n)
     assert (few.median_p95(), few.min, few.max, few.exact) == ((4, 5), 1, 5, True)
-    assert _Sizes().median_p95() == (None, None)
+    assert Sizes().median_p95() == (None, None)
 
 
 def test_report_to_dict_shape_and_summary():
@@ -533,6 +533,6 @@ tricky_values = st.recursive(
 @SETTINGS
 @given(tricky_values, st.integers(0, 6))
 def test_depth_scan_matches_real_depth(value, limit):
-    from shared.validation import _too_deep
+    from shared.datasets.strict_json import too_deep
 
-    assert _too_deep(json.dumps(value).encode(), limit) == (_depth(value) > limit)
+    assert too_deep(json.dumps(value).encode(), limit) == (_depth(value) > limit)

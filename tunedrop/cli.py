@@ -252,7 +252,8 @@ def validate(file: Path, as_json: bool, min_examples: int | None, tokens: bool |
     import contextlib
     import dataclasses
 
-    from shared.intake import SIDECAR_SUFFIX, check_dataset
+    from shared.datasets import check_dataset
+    from shared.intake import SIDECAR_SUFFIX
 
     settings = _settings()
     if tokens is not None:

@@ -27,10 +27,10 @@ def code_page(title: str, source: str, intro: list[str], sections: dict[str, dic
 
 
 def faults_markdown() -> str:
-    """docs/dataset-faults.md: every validation code, from shared.validation's catalogue."""
-    from shared.validation import ERROR_CODES, FORMATS, WARNING_CODES
+    """docs/dataset-faults.md: every dataset fault code, from shared/datasets/codes.py."""
+    from shared.datasets import ERROR_CODES, FORMATS, WARNING_CODES
 
-    return code_page("Dataset faults", "shared/validation.py", [
+    return code_page("Dataset faults", "shared/datasets/codes.py", [
         "Every problem `tunedrop validate` and the `ingest` function report carries one of these stable",
         "`code`s, the 1-based `line` (the row, for Parquet; none for file-level faults), a `field` path such",
         "as `messages[2].role`, and a message that says what to do. Any error rejects the dataset (it is",

@@ -1,6 +1,6 @@
 """Fine-tuning backends: the protocol (base.py) and its two implementations, chosen here.
 
-`local` (local/): LoRA on this machine, MLflow, local model servers. `azureml` (azureml.py): the
+`local` (local/): LoRA on this machine, MLflow, local model servers. `azureml` (azureml/): the
 seed's workflow on Azure Machine Learning. Each loads (with its heavy imports) only when chosen.
 """
 

@@ -7,15 +7,11 @@ import math
 
 import pytest
 
+from shared.backends.local.examples import IGNORE_INDEX, encode_conversation, parse_dataset
 from shared.backends.local.models import TINY_RANDOM, resolve_base_model
-from shared.backends.local.trainer import (
-    IGNORE_INDEX,
-    encode_conversation,
-    lr_factor,
-    parse_dataset,
-    split_examples,
-)
+from shared.backends.local.steps import lr_factor
 from shared.events import RUN_COMPLETED, RUN_ID_TAG, RUN_STATUS_CHANGED, RunEvent
+from shared.split import split_examples
 from shared.training import TrainingConfig
 from tests.local.conftest import EventRecorder, conversations, run_trainer, upload, write_job
 

@@ -23,17 +23,28 @@ import re
 import socket
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import azure.functions as func
 from azure.functions.eventgrid import EventGridEventInConverter
 from azure.functions.meta import Datum
 
-from tunedrop.host.invoke import FunctionSpec
+from tunedrop.host.invoke import FunctionSpec, Invoker
 
-if TYPE_CHECKING:
-    from tunedrop.host.host import LocalHost
+
+class LocalHost(Protocol):
+    """What the HTTP front needs of the host (tunedrop.host.host.LocalHost), so that it does not import it."""
+
+    master_key: str
+    function_key: str
+    routes: list[Route]
+    authority: str
+    invoker: Invoker
+
+    def function(self, name: str, kind: str | None = None) -> FunctionSpec | None: ...
+
+    def invoke_now(self, spec: FunctionSpec, value: str) -> None: ...
 
 log = logging.getLogger("tunedrop.host")
 

@@ -16,6 +16,9 @@ as given), applies LoRA to the base
 model and trains with a plain torch loop (loss on assistant tokens only), logs params, per-step
 metrics and the resulting model (artifact path ``model``, an MLflow model with an MLmodel file)
 to MLflow. Exit code 0 when completed, 1 otherwise.
+
+The job's pieces live beside it: examples.py (conversations to token ids and batches), steps.py
+(the step maths: schedule, loss, evaluation) and reporting.py (log, status file, events).
 """
 
 from __future__ import annotations
@@ -29,14 +32,12 @@ import sys
 import threading
 import time
 import traceback
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-from shared.coerce import to_bool
+from shared.backends.local.examples import collate, encode_conversation, length_grouped_batches, parse_dataset
+from shared.backends.local.reporting import log, now, post_event, write_json_atomic
+from shared.backends.local.steps import autocast, batch_loss_sum, evaluate, lr_factor, use_bf16
 from shared.events import RUN_ID_TAG, run_event
 from shared.split import split_examples
 from shared.training import TrainingConfig
@@ -44,219 +45,10 @@ from shared.training import TrainingConfig
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODEL_ARTIFACT_PATH = "model"
 MODEL_INFO_FILE = "tunedrop_model.json"
-IGNORE_INDEX = -100
 
 
 class JobCanceled(Exception):
     """The job received SIGTERM."""
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-# -- events ------------------------------------------------------------------------------------
-
-
-def post_event(url: str | None, event: dict[str, Any], attempts: int = 5, timeout_s: float = 10.0) -> bool:
-    """POST one event (as an Event Grid array) to ``url``; retries, never raises."""
-    if not url:
-        return False
-    body = json.dumps([event]).encode()
-    headers = {"Content-Type": "application/json", "aeg-event-type": "Notification"}
-    delay = 0.5
-    for attempt in range(1, attempts + 1):
-        try:
-            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                response.read()
-            return True
-        except urllib.error.HTTPError as exc:
-            if exc.code < 500 and exc.code not in (408, 429):
-                log(f"event {event['eventType'].rsplit('.', 1)[-1]} rejected: HTTP {exc.code}")
-                return False
-            problem = f"HTTP {exc.code}"
-        except Exception as exc:  # unreachable host, timeout, reset...
-            problem = f"{type(exc).__name__}: {exc}"
-        if attempt < attempts:
-            time.sleep(delay)
-            delay *= 2
-    log(f"event not delivered after {attempts} tries ({problem})")
-    return False
-
-
-# -- data --------------------------------------------------------------------------------------
-
-
-def parse_dataset(path: Path, format: str = "jsonl") -> list[list[dict[str, str]]]:
-    """Conversations of a validated dataset file (jsonl, jsonl.gz or parquet), parsed the way the
-    validator reads them."""
-    from shared.validation import iter_conversations
-
-    def chunks():
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                yield chunk
-
-    return list(iter_conversations(chunks(), format=format))
-
-
-def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    if not messages:
-        return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def assistant_spans(tokenizer, messages: Sequence[dict[str, str]], text: str) -> list[tuple[int, int]]:
-    """Character spans of ``text`` (the rendered conversation) the model is trained to produce.
-
-    Each span is an assistant message's content followed by the end-of-turn token when the
-    template puts it right after the content.
-    """
-    eos = tokenizer.eos_token or ""
-    spans, cursor = [], 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        content = message["content"]
-        prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        if prefix and text.startswith(prefix) and text.startswith(content, len(prefix)):
-            start = len(prefix)
-        else:  # a template that renders prefixes differently: find the content in order
-            start = text.find(content, cursor)
-            if start < 0:
-                continue
-        end = start + len(content)
-        if eos and text.startswith(eos, end):
-            end += len(eos)
-        spans.append((start, end))
-        cursor = end
-    return spans
-
-
-def encode_conversation(tokenizer, messages: Sequence[dict[str, str]], max_length: int):
-    """(input_ids, labels) with labels -100 everywhere but the assistant spans; None if nothing to learn."""
-    text = _render(tokenizer, messages, add_generation_prompt=False)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])[:max_length]
-    offsets = list(encoded["offset_mapping"])[: len(ids)]
-    spans = assistant_spans(tokenizer, messages, text)
-    labels = [IGNORE_INDEX] * len(ids)
-    for k, (a, b) in enumerate(offsets):
-        if any(a < end and b > start for start, end in spans):
-            labels[k] = ids[k]
-    if all(label == IGNORE_INDEX for label in labels[1:]):
-        return None
-    return ids, labels
-
-
-# -- batching ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    input_ids: Any
-    attention_mask: Any
-    labels: Any
-    tokens: int  # real (non-padding) tokens
-    targets: int  # tokens the loss is computed on
-
-
-def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
-    import torch
-
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, labs) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(labs)] = torch.tensor(labs)
-        attention[row, : len(ids)] = 1
-    return Batch(input_ids, attention, labels, int(attention.sum()), int((labels[:, 1:] != IGNORE_INDEX).sum()))
-
-
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Shuffled batches of indices whose members have similar lengths (little padding)."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    mega = batch_size * 50
-    batches = []
-    for start in range(0, len(order), mega):
-        group = sorted(order[start : start + mega], key=lambda i: lengths[i], reverse=True)
-        batches += [group[k : k + batch_size] for k in range(0, len(group), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def lr_factor(kind: str, step: int, total: int, warmup: int = 0) -> float:
-    """Multiplier of the peak learning rate for optimiser step ``step`` (0-based)."""
-    if warmup and step < warmup:
-        return (step + 1) / (warmup + 1)
-    if kind == "constant" or total <= warmup:
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if kind == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def use_bf16() -> bool:
-    """bf16 autocast (fp32 master weights) where the CPU computes bf16 natively; TUNEDROP_LOCAL_BF16=0/1 forces it."""
-    forced = os.environ.get("TUNEDROP_LOCAL_BF16", "").strip()
-    if forced:
-        return to_bool(forced)
-    import torch
-
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def autocast(enabled: bool):
-    import torch
-
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
-
-
-def batch_loss_sum(model, batch: Batch):
-    """Summed cross-entropy over the batch's target tokens (logits computed only where needed)."""
-    import torch
-    import torch.nn.functional as F
-
-    targets_next = batch.labels[:, 1:]
-    keep = torch.zeros_like(batch.labels, dtype=torch.bool)
-    keep[:, :-1] = targets_next != IGNORE_INDEX
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep, use_cache=False
-    ).logits
-    logits = logits.reshape(-1, logits.shape[-1])
-    targets = targets_next[keep[:, :-1]]
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-
-def evaluate(model, batches: Iterable[Batch], bf16: bool = False) -> float | None:
-    import torch
-
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast(bf16):
-        for batch in batches:
-            if batch.targets:
-                total += float(batch_loss_sum(model, batch))
-                count += batch.targets
-    model.train(was_training)
-    return total / count if count else None
 
 
 # -- the job -----------------------------------------------------------------------------------
@@ -340,8 +132,8 @@ class Job:
 
     def _load_data(self, config: TrainingConfig) -> tuple[list, list]:
         """(train, test) conversations: a pair as given, a single file split as on Azure ML (shared/split.py)."""
+        from shared.datasets import detect_format
         from shared.storage import Storage
-        from shared.validation import detect_format
 
         dataset = self.spec["dataset"]
 

@@ -1,0 +1,123 @@
+"""The sweeper's rounds (a timer): finish deployments that became ready, tear down idle endpoints,
+and reconcile what an event or a crashed function left behind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from shared import faults, runs
+from shared.backends.base import DEPLOY_CREATING, DEPLOY_READY
+from shared.pipeline.ingest import CLAIM_LEASE, Ingest
+from shared.pipeline.jobs import JobSteps
+from shared.pipeline.steps import log
+from shared.runs import Run, utcnow
+from shared.status import JobStatus
+
+
+@dataclass
+class SweepResult:
+    ready: list[str] = field(default_factory=list)
+    torn_down: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    advanced: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class Sweeper(Ingest, JobSteps):
+    def sweep(self, now: datetime | None = None) -> SweepResult:
+        """Finish ready deployments, tear down idle endpoints, reconcile jobs whose events were lost."""
+        now = now or utcnow()
+        result = SweepResult()
+        steps = {
+            runs.RECEIVED: self._sweep_claimed,
+            runs.VALIDATING: self._sweep_claimed,
+            runs.DEPLOYING: self._sweep_deploying,
+            runs.DEPLOYED: self._sweep_deployed,
+            runs.SUBMITTED: self._sweep_job,
+            runs.RUNNING: self._sweep_job,
+            runs.SUCCEEDED: self._sweep_advance,
+            runs.REGISTERED: self._sweep_advance,
+        }
+        for run in self.store.list(tuple(steps)):
+            try:
+                steps[run.state](run, now, result)
+            except Exception as exc:  # one broken run must not stop the sweep of the others
+                log.exception("sweep: run %s (%s) failed", run.run_id, run.state)
+                result.errors.append(f"{run.run_id}: {type(exc).__name__}: {exc}")
+        return result
+
+    def _sweep_claimed(self, run: Run, now: datetime, result: SweepResult) -> None:
+        """A claim whose function died (worker crash, timeout): ingest again once the claim lapsed.
+
+        The blob trigger will not fire again for a version it considers processed, so the sweeper
+        is what finishes it; the backend then finds a job an earlier attempt already submitted.
+        """
+        from azure.core.exceptions import ResourceNotFoundError
+
+        if now - datetime.fromisoformat(run.updated_at) <= CLAIM_LEASE:
+            return
+        blob = self.storage.blob_service.get_blob_client(run.dataset_container, run.dataset_blob)
+        try:
+            etag = blob.get_blob_properties().etag
+        except ResourceNotFoundError:
+            etag = None
+        if etag != run.dataset_etag:
+            reason = "was deleted" if etag is None else "was overwritten (its new version is a new run)"
+            if self._fail(run, f"The dataset {reason} before validation finished.", "superseded"):
+                result.failed.append(run.run_id)
+            return
+        self.ingest(blob, now=now)
+        result.advanced.append(run.run_id)
+
+    def _sweep_deploying(self, run: Run, now: datetime, result: SweepResult) -> None:
+        info = self.backend.get_deployment(run.endpoint_name)
+        if info.state == DEPLOY_READY:
+            self.backend.activate(run.endpoint_name)
+            if self._move(run.run_id, runs.DEPLOYED, "endpoint.ready",
+                          {"endpoint_name": run.endpoint_name, "score_path": f"/api/runs/{run.run_id}/score"},
+                          deployed_at=now.isoformat()):
+                result.ready.append(run.run_id)
+            return
+        started = datetime.fromisoformat(run.deploy_started_at or run.updated_at)
+        timed_out = now - started > timedelta(minutes=self.settings.deploy_timeout_minutes)
+        if info.state == DEPLOY_CREATING and not timed_out:
+            return
+        error = info.error or f"Deployment not ready after {self.settings.deploy_timeout_minutes:g} minutes."
+        self.backend.delete_endpoint(run.endpoint_name)
+        if self._fail(run, error, info.error_code or "deployment_failed"):
+            result.failed.append(run.run_id)
+
+    def _sweep_deployed(self, run: Run, now: datetime, result: SweepResult) -> None:
+        last_used = datetime.fromisoformat(run.last_scored_at or run.deployed_at or run.updated_at)
+        idle = now - last_used
+        if idle < timedelta(minutes=self.settings.idle_minutes):
+            return
+        self.backend.delete_endpoint(run.endpoint_name)
+        faults.point("after_delete")
+        if self._move(run.run_id, runs.TORN_DOWN, "endpoint.torn_down",
+                      {"endpoint_name": run.endpoint_name, "idle_minutes": round(idle.total_seconds() / 60, 2)}):
+            result.torn_down.append(run.run_id)
+
+    def _sweep_job(self, run: Run, now: datetime, result: SweepResult) -> None:
+        job = self.backend.get_job(run.job_name)
+        if job.is_terminal:
+            moved = self._on_job_status(run, job.status, job)
+            if moved is not None and moved.state == runs.FAILED:
+                result.failed.append(run.run_id)
+            else:
+                result.advanced.append(run.run_id)
+            return
+        submitted = datetime.fromisoformat(run.at(runs.SUBMITTED) or run.created_at)
+        if now - submitted > timedelta(minutes=self.settings.job_timeout_minutes):
+            if self._fail(run, f"Job {run.job_name} still {job.status} after "
+                               f"{self.settings.job_timeout_minutes:g} minutes.", "job_timeout"):
+                result.failed.append(run.run_id)
+        elif job.status == JobStatus.RUNNING and run.state == runs.SUBMITTED:
+            self._move(run.run_id, runs.RUNNING, "run.running", {"job_name": run.job_name})
+
+    def _sweep_advance(self, run: Run, now: datetime, result: SweepResult) -> None:
+        # Left behind by a crash between registration steps: carry on from where it stopped.
+        if now - datetime.fromisoformat(run.updated_at) > timedelta(minutes=2):
+            self.advance(run)
+            result.advanced.append(run.run_id)
