@@ -30,7 +30,7 @@ FAILURES: dict[str, str] = {
     "job_failed": "The fine-tune job failed; the run's error has the job's own reason.",
     "job_canceled": "The fine-tune job was canceled.",
     "job_notfound": "The fine-tune job no longer exists in the workspace.",
-    "job_timeout": "The job was still queued or running after TUNEDROP_JOB_TIMEOUT_MINUTES.",
+    "job_timeout": "The job was still queued or running after TUNEDROP_JOB_TIMEOUT_MINUTES; it was canceled.",
     "job_not_completed": "Local backend: registration was asked of a job that did not complete.",
     # checks before a job is submitted (Azure ML)
     "compute_failed": "The fine-tune cluster is in state Failed: recreate it or set TUNEDROP_AZUREML_FINETUNE_COMPUTE.",
@@ -51,8 +51,8 @@ FAILURES: dict[str, str] = {
     "endpoint_failed": "The online endpoint ended Failed or Canceled.",
     "endpoint_missing": "The run's endpoint no longer exists.",
     "endpoint_auth": "The endpoint does not use key auth, so tunedrop cannot score it.",
-    "deployment_failed": "The deployment failed without a code of Azure's, or was not ready after "
-                         "TUNEDROP_DEPLOY_TIMEOUT_MINUTES.",
+    "deployment_failed": "The deployment failed without a code of Azure's.",
+    "deploy_timeout": "The deployment was not ready after TUNEDROP_DEPLOY_TIMEOUT_MINUTES; its endpoint was deleted.",
     "ServerFailed": "Local backend: the model server could not load the model (its error is in the run).",
     "ServerExited": "Local backend: the model server exited; see its server.log.",
     # Azure refusing or not answering

@@ -31,6 +31,12 @@ def _setting(default, help: str, env: str):
     return field(default=default, metadata={"help": help, "env": env})
 
 
+def _limit(default, help: str, env: str, exceeded: str):
+    """A setting that bounds what a client, a dataset or a job may make tunedrop do. ``exceeded`` says
+    what happens past it (the code, the HTTP status): the README's Limits table is made from these."""
+    return field(default=default, metadata={"help": help, "env": env, "exceeded": exceeded})
+
+
 class SettingsError(ValueError):
     """A setting has a value tunedrop cannot use; the message names the setting and the fix."""
 
@@ -138,23 +144,28 @@ class Settings:
     idle_minutes: float = _setting(
         30.0, "Endpoints not scored for this long are torn down by the sweeper.", "TUNEDROP_IDLE_MINUTES"
     )
-    job_timeout_minutes: float = _setting(
+    job_timeout_minutes: float = _limit(
         24 * 60.0,
         "A job still submitted or running after this long is marked failed by the sweeper.",
         "TUNEDROP_JOB_TIMEOUT_MINUTES",
+        "run fails: `job_timeout`",
     )
-    deploy_timeout_minutes: float = _setting(
-        60.0, "A deployment not ready after this long is marked failed.", "TUNEDROP_DEPLOY_TIMEOUT_MINUTES"
+    deploy_timeout_minutes: float = _limit(
+        60.0, "A deployment not ready after this long is marked failed.", "TUNEDROP_DEPLOY_TIMEOUT_MINUTES",
+        "run fails: `deploy_timeout`",
     )
-    score_timeout_s: float = _setting(
-        90.0, "Seconds the score function waits for the endpoint (the seed's request timeout).", "TUNEDROP_SCORE_TIMEOUT_S"
+    score_timeout_s: float = _limit(
+        90.0, "Seconds the score function waits for the endpoint (the seed's request timeout).", "TUNEDROP_SCORE_TIMEOUT_S",
+        "HTTP 504",
     )
-    min_examples: int = _setting(10, "Datasets with fewer valid examples are rejected.", "TUNEDROP_MIN_EXAMPLES")
+    min_examples: int = _limit(10, "Datasets with fewer valid examples are rejected.", "TUNEDROP_MIN_EXAMPLES",
+                               "dataset rejected: `too_few_examples`")
     max_errors: int = _setting(
         50, "Validation stops listing errors after this many (it keeps counting).", "TUNEDROP_MAX_ERRORS"
     )
-    max_line_bytes: int = _setting(
-        1_048_576, "Longest accepted dataset line, in bytes.", "TUNEDROP_MAX_LINE_BYTES"
+    max_line_bytes: int = _limit(
+        1_048_576, "Longest accepted dataset line, in bytes.", "TUNEDROP_MAX_LINE_BYTES",
+        "the line is an error: `line_too_long`",
     )
     training_overrides: str = _setting(
         "",
@@ -348,16 +359,25 @@ def binding_environment(settings: "Settings") -> dict[str, str]:
     return {by_name[name].metadata["env"]: str(getattr(settings, name)) for name in BINDING_SETTINGS}
 
 
+def _shown(default) -> str:
+    if isinstance(default, tuple):
+        return ",".join(default)
+    if isinstance(default, Path) and str(default).startswith(str(Path.home())):
+        return "~/" + str(Path(default).relative_to(Path.home()))
+    return str(default)
+
+
+def limits() -> list[tuple[str, str, str, str]]:
+    """(environment variable, default, help, what happens past it) for every limit: the README's Limits table."""
+    return [(f.metadata["env"], _shown(f.default), f.metadata["help"], f.metadata["exceeded"])
+            for f in fields(Settings) if "exceeded" in f.metadata]
+
+
 def describe() -> list[tuple[str, str, str]]:
     """(environment variable, default, help) for every setting: the README's configuration table."""
     rows = [(STORAGE_CONNECTION, "", "Storage connection for blobs, queues and the run table. Locally an Azurite "
              "connection string (set by `tunedrop up`); in Azure identity-based: `TUNEDROP_STORAGE__blobServiceUri`, "
              "`__queueServiceUri`, `__tableServiceUri` (+ `__clientId` for a user-assigned identity).")]
     for f in fields(Settings):
-        default = f.default
-        if isinstance(default, tuple):
-            default = ",".join(default)
-        if isinstance(default, Path) and str(default).startswith(str(Path.home())):
-            default = "~/" + str(Path(default).relative_to(Path.home()))
-        rows.append((f.metadata["env"], str(default), f.metadata["help"]))
+        rows.append((f.metadata["env"], _shown(f.default), f.metadata["help"]))
     return rows

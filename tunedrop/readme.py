@@ -54,6 +54,15 @@ def failures_markdown() -> str:
     ], {"Rejections": REJECTIONS, "Failures": FAILURES})
 
 
+def limits_markdown() -> str:
+    """The README's Limits table: every setting declared with ``_limit`` in shared/settings.py."""
+    from shared.settings import limits
+
+    rows = ["| Limit | Default | Past it |", "|---|---|---|"]
+    rows += [f"| `{env}`: {help} | `{default}` | {exceeded} |" for env, default, help, exceeded in limits()]
+    return "\n".join(rows)
+
+
 def blocks() -> dict[str, str]:
     from tunedrop.cli import cli
 
@@ -61,6 +70,7 @@ def blocks() -> dict[str, str]:
     return {
         "settings": runner.invoke(cli, ["settings", "--markdown"]).output.strip(),
         "training": runner.invoke(cli, ["settings", "--training", "--markdown"]).output.strip(),
+        "limits": limits_markdown(),
     }
 
 

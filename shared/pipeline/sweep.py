@@ -83,9 +83,13 @@ class Sweeper(Ingest, JobSteps):
         timed_out = now - started > timedelta(minutes=self.settings.deploy_timeout_minutes)
         if info.state == DEPLOY_CREATING and not timed_out:
             return
-        error = info.error or f"Deployment not ready after {self.settings.deploy_timeout_minutes:g} minutes."
+        if info.state == DEPLOY_CREATING:  # timed out: nothing is left costing money
+            error, code = (f"Deployment not ready after {self.settings.deploy_timeout_minutes:g} minutes; its endpoint "
+                           "was deleted. Raise TUNEDROP_DEPLOY_TIMEOUT_MINUTES if it needs longer, then retry."), "deploy_timeout"
+        else:
+            error, code = info.error or "The deployment failed.", info.error_code or "deployment_failed"
         self.backend.delete_endpoint(run.endpoint_name)
-        if self._fail(run, error, info.error_code or "deployment_failed"):
+        if self._fail(run, error, code):
             result.failed.append(run.run_id)
 
     def _sweep_deployed(self, run: Run, now: datetime, result: SweepResult) -> None:
@@ -110,8 +114,9 @@ class Sweeper(Ingest, JobSteps):
             return
         submitted = datetime.fromisoformat(run.at(runs.SUBMITTED) or run.created_at)
         if now - submitted > timedelta(minutes=self.settings.job_timeout_minutes):
-            if self._fail(run, f"Job {run.job_name} still {job.status} after "
-                               f"{self.settings.job_timeout_minutes:g} minutes.", "job_timeout"):
+            if self._fail(run, f"Job {run.job_name} still {job.status} after {self.settings.job_timeout_minutes:g} "
+                               "minutes; it was canceled. Raise TUNEDROP_JOB_TIMEOUT_MINUTES if it needs longer, "
+                               "then retry.", "job_timeout"):
                 result.failed.append(run.run_id)
         elif job.status == JobStatus.RUNNING and run.state == runs.SUBMITTED:
             self._move(run.run_id, runs.RUNNING, "run.running", {"job_name": run.job_name})
