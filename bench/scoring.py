@@ -2,7 +2,13 @@
 the model server directly, at concurrency 1 and 16, interleaved in one run so both see the same
 machine. Trains a tiny adapter on SmolLM2 first (a few steps) so a real endpoint serves.
 
+Then the model server's limits (issue 15), against the server as it was before them (its source at
+``--baseline-ref``, one lock, no prompt check) started on the same model: how long a ~1 MB prompt
+takes to be refused, and the p50 latency of a short request while a long one (512 tokens) runs.
+Figures are printed, never asserted.
+
     .venv/bin/python bench/scoring.py [--base-model smollm2-135m-instruct] [--requests 48]
+                                      [--short-requests 8] [--baseline-ref 69dec77] [--limits-only]
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 BODY = {"input_data": {"input_string": [{"role": "user", "content": "What is the capital of Italy?"}],
                        "parameters": {"max_new_tokens": 8, "do_sample": False}}}
+LONG = {"input_data": {"input_string": [{"role": "user", "content": "Write a very long story about a dragon."}],
+                       "parameters": {"max_new_tokens": 512, "do_sample": False}}}
+#: ~1 MB of prompt, under the 1 MB body limit: the user's report (issue 15).
+HUGE = {"input_data": {"input_string": [{"role": "user", "content": "tell me more " * 80_000}],
+                       "parameters": {"max_new_tokens": 50}}}
+#: The last commit whose model server had no limits (one lock, prompts unchecked, max_new_tokens clamped).
+BASELINE_REF = "69dec77"
 
 
 def deploy(base_model: str, state_dir: Path):
@@ -93,7 +108,96 @@ def measure(targets: dict[str, tuple[str, dict]], concurrency: int, requests: in
     return out
 
 
-def run(base_model: str = "smollm2-135m-instruct", requests: int = 48) -> list[dict]:
+def start_baseline(ref: str, settings, endpoint_name: str, workdir: Path):
+    """The model server as it was at ``ref``, on the endpoint's model and key; (process, url) or None."""
+    from tunedrop.azurite import free_port
+
+    try:
+        source = subprocess.run(["git", "show", f"{ref}:shared/backends/local/server.py"], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"no baseline: {ref}'s server.py cannot be read ({exc})", file=sys.stderr)
+        return None
+    script, state = workdir / "server_baseline.py", workdir / "baseline.state.json"
+    script.write_text(source)
+    ep_dir = Path(settings.state_dir).resolve() / "endpoints" / endpoint_name
+    info, port = json.loads((ep_dir / "endpoint.json").read_text()), free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    with open(workdir / "baseline.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(script), "--model-uri", info["model_uri"], "--tracking-uri",
+             settings.effective_tracking_uri, "--port", str(port), "--key-file", str(ep_dir / "key"),
+             "--state-file", str(state), "--model-cache-dir", str(Path(settings.model_cache_dir).expanduser())],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.exists() and json.loads(state.read_text()).get("state") == "ready":
+            return process, f"http://127.0.0.1:{port}/score"
+        time.sleep(0.2)
+    process.kill()
+    print(f"no baseline: its server did not start (see {workdir / 'baseline.log'})", file=sys.stderr)
+    return None
+
+
+def limit_figures(url: str, key: str, short_requests: int, huge_timeout_s: float = 30) -> dict:
+    """Seconds to refuse ~1 MB of prompt; p50/max latency of short requests while a long one always runs."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"}
+    out: dict = {}
+    stop = threading.Event()
+    long_runs: list[float] = []
+
+    def keep_one_long_running():
+        with httpx.Client(timeout=300) as client:
+            while not stop.is_set():
+                started = time.perf_counter()
+                client.post(url, json=LONG, headers=headers)
+                long_runs.append(time.perf_counter() - started)
+
+    with httpx.Client(timeout=300) as client:
+        client.post(url, json=BODY, headers=headers).raise_for_status()  # warm
+        background = threading.Thread(target=keep_one_long_running, daemon=True)
+        background.start()
+        time.sleep(1.0)  # the long one is generating
+        samples = []
+        for _ in range(short_requests):
+            started = time.perf_counter()
+            client.post(url, json=BODY, headers=headers).raise_for_status()
+            samples.append(time.perf_counter() - started)
+        stop.set()
+        background.join(600)
+        out["short_p50_s"] = statistics.median(samples)
+        out["short_max_s"] = max(samples)
+        out["long_s"] = statistics.median(long_runs) if long_runs else float("nan")
+        started = time.perf_counter()
+        try:
+            reply = client.post(url, json=HUGE, headers=headers, timeout=huge_timeout_s)
+            out["huge"] = f"HTTP {reply.status_code} {reply.json().get('code', '')}".strip()
+        except httpx.TimeoutException:
+            out["huge"] = f"no answer in {huge_timeout_s:g} s (still generating)"
+        out["huge_s"] = time.perf_counter() - started
+    return out
+
+
+def limits(settings, endpoint_name: str, short_requests: int, baseline_ref: str | None, workdir: Path) -> dict:
+    from shared.backends.local import LocalBackend
+
+    target = LocalBackend(settings).scoring_target(endpoint_name)
+    figures = {"with the limits": limit_figures(target.url, target.key, short_requests)}
+    baseline = start_baseline(baseline_ref, settings, endpoint_name, workdir) if baseline_ref else None
+    if baseline:
+        process, url = baseline
+        try:
+            figures[f"before ({baseline_ref})"] = limit_figures(url, target.key, short_requests)
+        finally:
+            process.kill()  # it may still be generating on the huge prompt: that is the defect
+            process.wait()
+    return figures
+
+
+def run(base_model: str = "smollm2-135m-instruct", requests: int = 48, short_requests: int = 8,
+        baseline_ref: str | None = BASELINE_REF, limits_only: bool = False) -> tuple[list[dict], dict]:
     import tempfile
 
     from shared.backends.local import LocalBackend
@@ -109,13 +213,13 @@ def run(base_model: str = "smollm2-135m-instruct", requests: int = 48) -> list[d
                                                {"x-functions-key": host.function_key}),
             }
             rows = []
-            for concurrency in (1, 16):
+            for concurrency in () if limits_only else (1, 16):
                 figures = measure(targets, concurrency, requests if concurrency == 1 else requests * 4)
                 direct = figures["direct to model server"]
                 for name, f in figures.items():
                     rows.append({"concurrency": concurrency, "path": name, **f,
                                  "p50_added_pct": 100 * (f["p50_ms"] / direct["p50_ms"] - 1)})
-            return rows
+            return rows, limits(settings, run_.endpoint_name, short_requests, baseline_ref, Path(tmp))
         finally:
             LocalBackend(settings).stop_all()
             host.stop()
@@ -126,12 +230,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-model", default="smollm2-135m-instruct")
     parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--short-requests", type=int, default=8, help="short requests sent while a long one runs")
+    parser.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref of the server before its limits; '' none")
+    parser.add_argument("--limits-only", action="store_true", help="only the model server's limits")
     args = parser.parse_args()
-    rows = run(args.base_model, args.requests)
-    print(f"{'scoring':<30} {'conc':>4} {'n':>5} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>7} {'p50 added':>10}")
+    rows, limit_rows = run(args.base_model, args.requests, args.short_requests, args.baseline_ref or None,
+                           args.limits_only)
+    if rows:
+        print(f"{'scoring':<30} {'conc':>4} {'n':>5} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>7} {'p50 added':>10}")
     for r in rows:
         print(f"{r['path']:<30} {r['concurrency']:>4} {r['n']:>5} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} "
               f"{r['rps']:7.2f} {r['p50_added_pct']:9.1f}%")
+    print(f"\n{'model server':<24} {'~1 MB prompt':<44} {'short p50 s':>11} {'short max s':>11} {'long s':>7}"
+          "   (short: 8 tokens, sent while a 512-token request runs)")
+    for name, f in limit_rows.items():
+        huge = f"{f['huge']} in {f['huge_s']:.3f} s"
+        print(f"{name:<24} {huge:<44} {f['short_p50_s']:11.2f} {f['short_max_s']:11.2f} {f['long_s']:7.1f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Generates chat JSONL files (ultrachat-shaped rows, deterministic) of each size i
 then runs every variant in its own child process and reads that child's peak RSS from
 ``os.wait4`` (``ru_maxrss``), so no variant inherits another's memory:
 
-* ``tunedrop``   : ``shared.datasets.validate_path`` (structural checks, stats, duplicates);
+* ``tunedrop``   : ``shared.datasets.validate_path`` (structural checks, stats, duplicates), within the
+                   dataset limits of the default settings, as ``check_dataset`` validates;
 * ``tunedrop+tok``: the same with token counting (SmolLM2's fast tokenizer, batched), when the
                    tokenizer is in the model cache;
 * ``pandas``     : the baseline, ``pandas.read_json(lines=True)`` then the same structural checks
@@ -82,6 +83,13 @@ def child_tunedrop(path: str, tokens: bool) -> dict:
     sys.path.insert(0, str(ROOT))
     from shared.datasets import validate_path
 
+    try:
+        from shared.datasets import reading_limits
+        from shared.settings import Settings
+
+        limits = reading_limits(Settings())
+    except ImportError:  # a tunedrop from before the dataset limits, measured side by side
+        limits = {}
     tokenizer = None
     if tokens:
         from shared.tokens import find_tokenizer
@@ -91,7 +99,7 @@ def child_tunedrop(path: str, tokens: bool) -> dict:
         if tokenizer is None:
             return {"skipped": "no SmolLM2 tokenizer in the model cache"}
     start = time.perf_counter()
-    report = validate_path(path, tokenizer=tokenizer) if tokens else validate_path(path)
+    report = validate_path(path, tokenizer=tokenizer, **limits) if tokens else validate_path(path, **limits)
     elapsed = time.perf_counter() - start
     assert report.accepted, report.summary()
     return {"seconds": elapsed, "examples": report.stats["examples"],

@@ -25,4 +25,4 @@ _SOURCE = func.BlobSource(os.environ.get("TUNEDROP_BLOB_TRIGGER_SOURCE", func.Bl
 def ingest(client: blob.BlobClient) -> None:
     run = get_pipeline().ingest(client)
     if run is not None:
-        log.info("dataset %s: run %s is %s", client.blob_name, run.run_id, run.state)
+        log.info("dataset %r: run %s is %s", client.blob_name, run.run_id, run.state)  # %r: a name may hold control characters

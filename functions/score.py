@@ -1,17 +1,51 @@
-"""HTTP: score against a run's endpoint (seed format and OpenAI chat completions); read and retry runs."""
+"""HTTP: score against a run's endpoint (seed format and OpenAI chat completions); read and retry runs.
 
+Whatever a client sends gets a JSON answer: a run id of a shape no run has is 404 before any storage
+call, a malformed body 400 (413 over TUNEDROP_MAX_REQUEST_BYTES) naming what and where
+(shared/scoring.py, shared/request_json.py), storage trouble 503 with Retry-After, and anything
+unforeseen 500 with a JSON error (logged), never an empty body.
+"""
+
+import functools
 import json
+import logging
 
 import azure.functions as func
 
 from shared.pipeline import RetryError, get_pipeline
-from shared.scoring import OPENAI_FORMAT, SEED_FORMAT, get_scorer
+from shared.scoring import OPENAI_FORMAT, SEED_FORMAT, ScoreRequestError, check_run_id, get_scorer
 
 bp = func.Blueprint()
+log = logging.getLogger("tunedrop.functions.score")
 
 
 def _json(status: int, body: dict, headers: dict | None = None) -> func.HttpResponse:
     return func.HttpResponse(json.dumps(body), status_code=status, headers=headers or {}, mimetype="application/json")
+
+
+def _answers_json(handler):
+    """Every answer JSON: a bad run id is 404; storage or an unforeseen error 503/500 with a JSON error."""
+
+    @functools.wraps(handler)
+    def wrapper(req: func.HttpRequest) -> func.HttpResponse:
+        from azure.core.exceptions import AzureError
+
+        from shared.runs import RunStoreError
+
+        try:
+            if "run_id" in req.route_params:
+                check_run_id(req.route_params["run_id"])
+            return handler(req)
+        except ScoreRequestError as exc:
+            return _json(exc.status, exc.body())
+        except (AzureError, RunStoreError) as exc:
+            log.warning("%s: storage unavailable: %s", handler.__name__, type(exc).__name__)
+            return _json(503, {"error": "The run store is unavailable; try again."}, {"Retry-After": "10"})
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            return _json(500, {"error": "Internal error; it is in the function's log."})
+
+    return wrapper
 
 
 def _score(req: func.HttpRequest, fmt: str) -> func.HttpResponse:
@@ -21,29 +55,33 @@ def _score(req: func.HttpRequest, fmt: str) -> func.HttpResponse:
 
 
 @bp.route(route="runs/{run_id}/score", methods=["POST"])
+@_answers_json
 def score(req: func.HttpRequest) -> func.HttpResponse:
     return _score(req, SEED_FORMAT)
 
 
 @bp.route(route="runs/{run_id}/v1/chat/completions", methods=["POST"])
+@_answers_json
 def chat_completions(req: func.HttpRequest) -> func.HttpResponse:
     return _score(req, OPENAI_FORMAT)
 
 
 @bp.route(route="runs/{run_id}", methods=["GET"])
+@_answers_json
 def run_status(req: func.HttpRequest) -> func.HttpResponse:
     run = get_pipeline().store.find(req.route_params["run_id"])
     if run is None:
-        return _json(404, {"error": f"No run {req.route_params['run_id']}."})
+        return _json(404, {"error": f"No run {req.route_params['run_id']}.", "field": "run_id"})
     return _json(200, run.public())
 
 
 @bp.route(route="runs/{run_id}/retry", methods=["POST"])
+@_answers_json
 def retry_run(req: func.HttpRequest) -> func.HttpResponse:
     pipeline = get_pipeline()
     run_id = req.route_params["run_id"]
     if pipeline.store.find(run_id) is None:
-        return _json(404, {"error": f"No run {run_id}."})
+        return _json(404, {"error": f"No run {run_id}.", "field": "run_id"})
     try:
         run = pipeline.retry(run_id)
     except RetryError as exc:
@@ -52,6 +90,7 @@ def retry_run(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @bp.route(route="runs", methods=["GET"])
+@_answers_json
 def list_runs(req: func.HttpRequest) -> func.HttpResponse:
     runs = get_pipeline().store.list()
     return _json(200, {"runs": [r.public() for r in runs]})

@@ -18,6 +18,9 @@ from shared.status import ENDED_BADLY
 REJECTIONS: dict[str, str] = {
     "duplicate_dataset": "The same bytes with the same training parameters as an earlier run that did not fail: "
                          "nothing new to train. Set blob metadata `tunedrop_force=true` to train it again.",
+    "bad_blob_name": "The blob's name has a control or invisible character, a backslash or a `.`/`..` path segment, or is "
+                     "over TUNEDROP_MAX_BLOB_NAME_CHARS: it is not read, only quarantined under a safe name. Upload "
+                     "the dataset again under a plain name.",
 }
 
 #: Codes a run fails with, by where it was.
@@ -64,8 +67,28 @@ FAILURES: dict[str, str] = {
     "bad_setting": "A setting has a value tunedrop cannot use (the message names it).",
 }
 
+#: Codes a local model server answers a scoring request with, in `{"error": ..., "code": ...}` (a request
+#: refused or stopped; the run is unaffected). shared/backends/local/server.py.
+SERVER_ANSWERS: dict[str, str] = {
+    "bad_request": "400: the body is not JSON, or a field is wrong (the error names it).",
+    "max_tokens_too_large": "400: max_new_tokens / max_tokens / max_completion_tokens asks for more than "
+                            "TUNEDROP_MAX_NEW_TOKENS; it is refused, never clamped.",
+    "prompt_too_long": "400: the prompt, in tokens after the chat template, is over the model's context window less "
+                       "the tokens asked for, or over TUNEDROP_MAX_PROMPT_TOKENS (the error names both figures); "
+                       "refused before any generation.",
+    "unauthorized": "401: no or the wrong bearer key.",
+    "unknown_route": "404: no such route.",
+    "length_required": "411: the request has no Content-Length.",
+    "body_too_large": "413: the body is over 1 MB.",
+    "server_busy": "429, with Retry-After: TUNEDROP_SERVER_CONCURRENCY requests are generating and "
+                   "TUNEDROP_SERVER_QUEUE more waiting.",
+    "generation_failed": "500: the model failed (the server log says why).",
+    "generation_timeout": "504: the generation ran past TUNEDROP_GENERATION_TIMEOUT_S and was stopped.",
+    "client_gone": "Nothing is sent: the client disconnected, so its generation was stopped.",
+}
+
 #: Every code this module documents.
-ALL_CODES: dict[str, str] = {**REJECTIONS, **FAILURES}
+ALL_CODES: dict[str, str] = {**REJECTIONS, **FAILURES, **SERVER_ANSWERS}
 
 #: The job-status failures are named after the status (pipeline: `job_<status>`).
 JOB_STATUS_CODES = tuple(f"job_{status.lower()}" for status in ENDED_BADLY)

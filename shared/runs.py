@@ -57,7 +57,8 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     SUCCEEDED: (REGISTERED, FAILED),
     REGISTERED: (DEPLOYING, FAILED),
     DEPLOYING: (DEPLOYED, TORN_DOWN, FAILED),
-    DEPLOYED: (TORN_DOWN,),
+    # A deployed endpoint found dead fails visibly (and can be retried).
+    DEPLOYED: (TORN_DOWN, FAILED),
     REJECTED: (),
     FAILED: (),
     TORN_DOWN: (),

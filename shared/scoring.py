@@ -12,8 +12,8 @@ translated into the seed's own request, `{"input_data": {"input_string": [[messa
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,11 +21,18 @@ from datetime import timedelta
 
 from shared import runs
 from shared.backends.base import BackendError
-from shared.chat import ChatRequestError, conversation, messages
+from shared.chat import ChatRequestError, check_openai_request, check_sampling, conversation, messages
+from shared.request_json import RequestJSONError, loads
 
 log = logging.getLogger("tunedrop.scoring")
 
+#: Defaults of TUNEDROP_MAX_REQUEST_BYTES and TUNEDROP_MAX_JSON_DEPTH (shared/settings.py).
 MAX_BODY_BYTES = 1_048_576
+MAX_JSON_DEPTH = 32
+#: What a run id looks like: tunedrop makes `<name>-<12 hex digits>` (shared.runs.run_id_for); anything
+#: else names no run and is answered 404 before any storage call (a '/' or '%2F' in a table key made
+#: Azurite answer 500, which the SDK retried for ~5 s).
+RUN_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 #: How often a scored endpoint's last-use time is written (the idle timer needs minutes, not ms).
 LAST_USE_WRITE_EVERY = timedelta(seconds=30)
 SEED_FORMAT = "azureml"
@@ -40,35 +47,50 @@ class ScoreResponse:
 
 
 class ScoreRequestError(ValueError):
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, field: str | None = None):
         super().__init__(message)
         self.status = status
+        self.field = field
+
+    def body(self) -> dict:
+        return {"error": str(self), **({"field": self.field} if self.field else {})}
 
 
-def parse_request(body: bytes, fmt: str) -> dict:
-    """The request as JSON, checked; raises ScoreRequestError naming the field at fault."""
-    if len(body) > MAX_BODY_BYTES:
-        raise ScoreRequestError(f"Request body over {MAX_BODY_BYTES} bytes.", status=413)
+def check_run_id(run_id) -> None:
+    """Raises ScoreRequestError (404) for a run id of a shape no run has, before any storage call."""
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        shown = repr(run_id if not isinstance(run_id, str) or len(run_id) <= 80 else run_id[:80] + "...")
+        raise ScoreRequestError(f"No run {shown}: a run id is lowercase letters, digits and hyphens, "
+                                "e.g. chat-sample-b2806c36574b (`tunedrop status` lists them).", 404, "run_id")
+
+
+def parse_request(body: bytes, fmt: str, max_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX_JSON_DEPTH) -> dict:
+    """The request as strict JSON (shared/request_json.py), checked; raises ScoreRequestError naming the
+    field at fault."""
     try:
-        data = json.loads(body or b"")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ScoreRequestError(f"Body is not valid JSON: {getattr(exc, 'msg', 'bad encoding')}.") from None
+        data = loads(body or b"", max_bytes=max_bytes, max_depth=max_depth)
+    except RequestJSONError as exc:
+        raise ScoreRequestError(str(exc), exc.status, exc.field) from None
     if not isinstance(data, dict):
-        raise ScoreRequestError("Body must be a JSON object.")
+        raise ScoreRequestError(f"Request body must be a JSON object, not {_kind(data)}.")
     try:
         if fmt == OPENAI_FORMAT:
-            messages(data.get("messages"), "messages")
+            check_openai_request(data)
             return data
         input_data = data.get("input_data")
         if not isinstance(input_data, dict):
-            raise ScoreRequestError("input_data must be an object with input_string and parameters.")
+            raise ScoreRequestError("input_data must be an object with input_string and parameters.", field="input_data")
         conversation(input_data.get("input_string"))
+        parameters = input_data.get("parameters", {})
+        if parameters is not None:
+            check_sampling(parameters, "input_data.parameters", ("max_new_tokens",))
     except ChatRequestError as exc:
-        raise ScoreRequestError(f"{exc}.") from None
-    parameters = input_data.get("parameters", {})
-    if not isinstance(parameters, dict):
-        raise ScoreRequestError("input_data.parameters must be an object.")
+        raise ScoreRequestError(f"{exc}.", field=exc.field) from None
     return data
+
+
+def _kind(value) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
 
 
 class Scorer:
@@ -88,10 +110,12 @@ class Scorer:
             return self._client
 
     def score(self, run_id: str, body: bytes, fmt: str = SEED_FORMAT) -> ScoreResponse:
+        settings = self.pipeline.settings
         try:
-            request = parse_request(body, fmt)
+            check_run_id(run_id)
+            request = parse_request(body, fmt, settings.max_request_bytes, settings.max_json_depth)
         except ScoreRequestError as exc:
-            return ScoreResponse(exc.status, {"error": str(exc)})
+            return ScoreResponse(exc.status, exc.body())
         run = self.pipeline.store.find(run_id)
         if run is None:
             return ScoreResponse(404, {"error": f"No run {run_id}."})
@@ -139,14 +163,23 @@ class Scorer:
                 if attempt == 2:
                     return ScoreResponse(503, {"error": "The endpoint is not reachable."}, {"Retry-After": "30"})
         if reply.status_code == 200:
-            return ScoreResponse(200, reply.json())
+            try:
+                return ScoreResponse(200, reply.json())
+            except ValueError:  # not JSON (or not UTF-8): the endpoint's fault, never a crash of ours
+                log.warning("endpoint answered HTTP 200 with a body that is not JSON")
+                return ScoreResponse(502, {"error": "The endpoint answered with a body that is not JSON."},
+                                     {"Retry-After": "10"})
         if reply.status_code == 429:
-            return ScoreResponse(429, {"error": "The endpoint is busy."}, {"Retry-After": reply.headers.get("Retry-After", "5")})
+            return ScoreResponse(429, _error_body(reply, "The endpoint is busy."),
+                                 {"Retry-After": reply.headers.get("Retry-After", "5")})
         if reply.status_code == 400:
-            return ScoreResponse(400, {"error": _error_text(reply)})
+            return ScoreResponse(400, _error_body(reply, "Bad request."))
         if reply.status_code in (401, 403):
             return ScoreResponse(401, {"error": "The endpoint refused the key."})
         log.warning("endpoint answered HTTP %d", reply.status_code)
+        if reply.status_code == 504 and _error_body(reply, "").get("code") == "generation_timeout":
+            # the model server stopped a generation at its time limit: say which limit, as it did
+            return ScoreResponse(504, _error_body(reply, ""), {"Retry-After": "10"})
         if reply.status_code in (503, 504):
             return ScoreResponse(503, {"error": f"The endpoint is unavailable (HTTP {reply.status_code})."},
                                  {"Retry-After": reply.headers.get("Retry-After", "10")})
@@ -196,11 +229,17 @@ def seed_to_openai(answer, request: dict) -> dict:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": str(text)}, "finish_reason": "stop"}]}
 
 
-def _error_text(reply) -> str:
+def _error_body(reply, default: str) -> dict:
+    """The endpoint's own error (its message, and its code where it gives one: tunedrop's model servers
+    name the limit and the setting), or ``default``; never more than those two fields."""
     try:
-        return str(reply.json().get("error", "Bad request."))
+        data = reply.json()
     except ValueError:
-        return "Bad request."
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("error"), str):
+        return {"error": default}
+    given = data.get("code")
+    return {"error": data["error"][:2000], **({"code": given} if isinstance(given, str) else {})}
 
 
 _scorers: dict[int, Scorer] = {}

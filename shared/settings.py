@@ -82,6 +82,13 @@ class Settings:
         "Wait before the first redelivery of a failed webhook; doubles each time (capped at one hour).",
         "TUNEDROP_WEBHOOK_BACKOFF_S",
     )
+    webhook_order_wait_s: float = _limit(
+        120.0,
+        "How long a webhook waits for an earlier one of its run (to the same receiver) that is still being delivered, "
+        "so that a run's webhooks arrive in order.",
+        "TUNEDROP_WEBHOOK_ORDER_WAIT_S",
+        "the webhook is sent out of order (receivers order by `data.sequence`)",
+    )
     webhook_allow_private: bool = _setting(
         False,
         "Deliver webhooks to loopback, private and link-local addresses. Off in Azure (SSRF guard); "
@@ -158,14 +165,86 @@ class Settings:
         90.0, "Seconds the score function waits for the endpoint (the seed's request timeout).", "TUNEDROP_SCORE_TIMEOUT_S",
         "HTTP 504",
     )
+    max_new_tokens: int = _limit(
+        512, "Local model server: most tokens a scoring request may ask it to generate (`max_new_tokens`, "
+        "`max_tokens`, `max_completion_tokens`); asked for more, it refuses rather than clamps.",
+        "TUNEDROP_MAX_NEW_TOKENS", "HTTP 400 `max_tokens_too_large`",
+    )
+    max_prompt_tokens: int = _limit(
+        0, "Local model server: most prompt tokens (after the chat template) a request may send. 0: the model's "
+        "context window less the tokens asked for is the only bound (it always applies).",
+        "TUNEDROP_MAX_PROMPT_TOKENS", "HTTP 400 `prompt_too_long`, before any generation",
+    )
+    generation_timeout_s: float = _limit(
+        80.0, "Local model server: seconds from a request's arrival after which its generation is stopped; keep it "
+        "under TUNEDROP_SCORE_TIMEOUT_S. A generation whose client disconnects is stopped too.",
+        "TUNEDROP_GENERATION_TIMEOUT_S", "generation stopped, HTTP 504 `generation_timeout`",
+    )
+    server_concurrency: int = _limit(
+        4, "Local model server: requests generated at once, taking turns a forward pass (a token) each, so a short "
+        "request is not held behind a long one.", "TUNEDROP_SERVER_CONCURRENCY",
+        "the request waits in the server's queue",
+    )
+    server_queue: int = _limit(
+        64, "Local model server: requests that may wait beyond those being generated.", "TUNEDROP_SERVER_QUEUE",
+        "HTTP 429 `server_busy` with `Retry-After`",
+    )
     min_examples: int = _limit(10, "Datasets with fewer valid examples are rejected.", "TUNEDROP_MIN_EXAMPLES",
                                "dataset rejected: `too_few_examples`")
+    max_blob_name_chars: int = _limit(
+        512, "Longest dataset blob name, in characters. Such a name, or one with a control or invisible character, "
+        "a backslash or a `.`/`..` path segment, is not read: the blob is quarantined under a safe name.",
+        "TUNEDROP_MAX_BLOB_NAME_CHARS", "dataset rejected: `bad_blob_name`",
+    )
+    max_request_bytes: int = _limit(
+        1_048_576, "Largest request body the score routes read, in bytes.", "TUNEDROP_MAX_REQUEST_BYTES", "HTTP 413",
+    )
+    max_json_depth: int = _limit(
+        32, "Deepest nesting of arrays and objects in a request body the score routes take (a chat request needs 5).",
+        "TUNEDROP_MAX_JSON_DEPTH", "HTTP 400",
+    )
     max_errors: int = _setting(
         50, "Validation stops listing errors after this many (it keeps counting).", "TUNEDROP_MAX_ERRORS"
     )
     max_line_bytes: int = _limit(
         1_048_576, "Longest accepted dataset line, in bytes.", "TUNEDROP_MAX_LINE_BYTES",
         "the line is an error: `line_too_long`",
+    )
+    max_dataset_bytes: int = _limit(
+        2 << 30, "Largest dataset file, in bytes as read: after decompression for `.jsonl.gz`, decoded for "
+        "Parquet. Reading stops there; the trainers read no further either. 0: no limit.",
+        "TUNEDROP_MAX_DATASET_BYTES", "dataset rejected: `dataset_too_large`",
+    )
+    max_compression_ratio: float = _limit(
+        100.0, "Highest inflated / compressed size of a `.jsonl.gz` or Parquet file (chat text gzips 3-10x), "
+        "checked as it inflates once past 16 MiB: a compression bomb is refused in its first megabytes. 0: no limit.",
+        "TUNEDROP_MAX_COMPRESSION_RATIO", "dataset rejected: `compression_ratio_too_high`",
+    )
+    max_examples: int = _limit(
+        1_000_000, "Most examples in a dataset file (a Parquet file's rows); reading stops past it. 0: no limit.",
+        "TUNEDROP_MAX_EXAMPLES", "dataset rejected: `too_many_examples`",
+    )
+    max_tokens: int = _limit(
+        500_000_000, "Most tokens in a dataset file, when tokens are counted (TUNEDROP_COUNT_TOKENS); reading "
+        "stops past it. 0: no limit.", "TUNEDROP_MAX_TOKENS", "dataset rejected: `too_many_tokens`",
+    )
+    max_duplicate_share: float = _limit(
+        0.5, "Largest share of a dataset file's examples that repeat an earlier conversation. 0: no limit.",
+        "TUNEDROP_MAX_DUPLICATE_SHARE", "dataset rejected: `too_many_duplicates`",
+    )
+    max_estimated_hours: float = _limit(
+        168.0, "Longest training time the report's rough estimate may come to, in hours. 0: no limit.",
+        "TUNEDROP_MAX_ESTIMATED_HOURS", "dataset rejected: `training_too_long`",
+    )
+    max_estimated_cost: float = _limit(
+        1000.0, "Highest training cost the report's rough estimate may come to (at "
+        "TUNEDROP_ESTIMATE_COST_PER_HOUR). 0: no limit.", "TUNEDROP_MAX_ESTIMATED_COST",
+        "dataset rejected: `training_too_costly`",
+    )
+    max_eval_examples: int = _limit(
+        1000, "Most held-out examples a run evaluates: past it, a seeded sample of this many, the same on both "
+        "backends, stated in the report and the run's params. 0: all.", "TUNEDROP_MAX_EVAL_EXAMPLES",
+        "a sample of this many is evaluated",
     )
     training_overrides: str = _setting(
         "",
@@ -327,6 +406,14 @@ class Settings:
                 raise SettingsError("TUNEDROP_AZUREML_INSTANCE_COUNT must be at least 1.")
             if self.azureml_gpus_per_node < 0:
                 raise SettingsError("TUNEDROP_AZUREML_GPUS_PER_NODE must be 0 (from the size) or more.")
+        for env, value, low in (("TUNEDROP_MAX_NEW_TOKENS", self.max_new_tokens, 1),
+                                ("TUNEDROP_MAX_PROMPT_TOKENS", self.max_prompt_tokens, 0),
+                                ("TUNEDROP_SERVER_CONCURRENCY", self.server_concurrency, 1),
+                                ("TUNEDROP_SERVER_QUEUE", self.server_queue, 0)):
+            if value < low:
+                raise SettingsError(f"{env}={value} must be at least {low}.")
+        if not self.generation_timeout_s > 0:
+            raise SettingsError(f"TUNEDROP_GENERATION_TIMEOUT_S={self.generation_timeout_s:g} must be above 0.")
         if self.webhook_urls and not self.webhook_secret.startswith("whsec_"):
             raise SettingsError(
                 "TUNEDROP_WEBHOOK_URLS is set but TUNEDROP_WEBHOOK_SECRET is missing or lacks the "

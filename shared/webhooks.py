@@ -2,11 +2,18 @@
 
 Each state change publishes one message per receiver URL. The webhook id is derived from the run
 and the event type, so a repeated publish carries the same id and receivers can dedupe on it.
+
+Order: every webhook carries ``data.sequence``, the run's history length when it was published (it
+grows with each state change, a retry included), so receivers can order a run's webhooks and drop
+stale ones. Queues do not keep order, so `notify` also holds a webhook back while an earlier one of
+the same run, for the same receiver, is still being delivered (:class:`DeliveryLedger`), up to
+TUNEDROP_WEBHOOK_ORDER_WAIT_S.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -79,16 +86,28 @@ class OutboxMessage:
     payload: dict[str, Any]
     attempt: int = 1
     last_error: str = ""
+    queued_at: float = 0.0  # when it was first queued (epoch s): how long it has waited for earlier ones
 
     def to_json(self) -> bytes:
         return json.dumps({"id": self.id, "url": self.url, "payload": self.payload, "attempt": self.attempt,
-                           "last_error": self.last_error}, separators=(",", ":")).encode()
+                           "last_error": self.last_error, "queued_at": self.queued_at}, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "OutboxMessage":
         data = json.loads(raw)
         return cls(id=data["id"], url=data["url"], payload=data["payload"], attempt=int(data.get("attempt", 1)),
-                   last_error=str(data.get("last_error", "")))
+                   last_error=str(data.get("last_error", "")), queued_at=float(data.get("queued_at") or 0))
+
+    @property
+    def run_id(self) -> str:
+        return str(self.payload.get("data", {}).get("run_id", ""))
+
+    @property
+    def sequence(self) -> int:
+        return int(self.payload.get("data", {}).get("sequence") or 0)
+
+    def again(self, **changes: Any) -> "OutboxMessage":
+        return dataclasses.replace(self, **changes)
 
 
 def backoff_s(attempt: int, base_s: float) -> int:
@@ -136,8 +155,11 @@ class Outbox:
             self._queue = self._storage.ensure_queue(self._settings.webhook_queue)
         return self._queue
 
-    def publish(self, run_id: str, event_type: str, data: dict[str, Any], retry: int = 0) -> list[OutboxMessage]:
-        """Queue ``event_type`` for every receiver; returns what was queued (nothing without URLs)."""
+    def publish(self, run_id: str, event_type: str, data: dict[str, Any], *, sequence: int,
+                retry: int = 0) -> list[OutboxMessage]:
+        """Queue ``event_type`` for every receiver; returns what was queued (nothing without URLs).
+
+        ``sequence`` is the run's history length at this change (see the module's note on order)."""
         if event_type not in EVENT_TYPES:
             raise WebhookError(f"Unknown webhook event type {event_type!r}.")
         if not self._settings.webhook_urls:
@@ -145,12 +167,15 @@ class Outbox:
         payload = {
             "type": event_type,
             "timestamp": datetime.now(timezone.utc).isoformat(),
-            "data": {"run_id": run_id, **data},
+            "data": {"run_id": run_id, "sequence": sequence, **data},
         }
         message_id = webhook_id(run_id, event_type, retry)
-        messages = [OutboxMessage(message_id, url, payload) for url in self._settings.webhook_urls]
+        queued_at = time.time()
+        messages = [OutboxMessage(message_id, url, payload, queued_at=queued_at) for url in self._settings.webhook_urls]
         queue = self._queue_client()
+        ledger = DeliveryLedger(self._settings, self._storage)
         for message in messages:
+            ledger.pending(message)  # before it can be delivered, so a later one waits for it
             queue.send_message(message.to_json())
         log.info("run %s: queued %s for %d receiver(s)", run_id, event_type, len(messages))
         return messages
@@ -158,15 +183,83 @@ class Outbox:
     def redeliver_later(self, message: OutboxMessage, error: str) -> int:
         """Queue the next attempt of a failed delivery, hidden for the back-off; returns the delay."""
         delay = backoff_s(message.attempt, self._settings.webhook_backoff_s)
-        retry = OutboxMessage(message.id, message.url, message.payload, message.attempt + 1, error)
+        retry = message.again(attempt=message.attempt + 1, last_error=error)
         self._queue_client().send_message(retry.to_json(), visibility_timeout=delay)
         return delay
+
+    def hold(self, message: OutboxMessage) -> int:
+        """Queue the webhook again, unchanged, for a moment: an earlier one of its run is still on its way."""
+        self._queue_client().send_message(message.to_json(), visibility_timeout=HOLD_S)
+        return HOLD_S
 
     def park(self, message: OutboxMessage, error: str) -> None:
         """Keep an undeliverable webhook in `<queue>-poison`, visible to operators, never dropped."""
         poison = self._storage.ensure_queue(f"{self._settings.webhook_queue}-poison")
-        parked = OutboxMessage(message.id, message.url, message.payload, message.attempt, error)
-        poison.send_message(parked.to_json())
+        poison.send_message(message.again(last_error=error).to_json())
+        DeliveryLedger(self._settings, self._storage).done(message)
+
+
+#: Seconds a webhook held back for an earlier one waits before it is looked at again.
+HOLD_S = 2
+
+
+class DeliveryLedger:
+    """The webhooks of each run queued and not yet delivered (or parked), per receiver, so that `notify`
+    can hold a later one back. Rows in the runs table under partition ``webhooks-<run_id>`` (run records
+    live in another partition): ``<receiver key>-<sequence>-<webhook id>``; the receiver's URL itself is
+    never stored (it may carry a token)."""
+
+    def __init__(self, settings, storage=None):
+        from shared.storage import default_storage
+
+        self._settings = settings
+        self._storage = storage or default_storage()
+
+    @property
+    def _table(self):
+        return self._storage.table_service.get_table_client(self._settings.runs_table)
+
+    @staticmethod
+    def _partition(message: OutboxMessage) -> str:
+        return f"webhooks-{message.run_id}"
+
+    @staticmethod
+    def _receiver(message: OutboxMessage) -> str:
+        return hashlib.sha256(message.url.encode()).hexdigest()[:16]
+
+    def _row(self, message: OutboxMessage) -> str:
+        return f"{self._receiver(message)}-{message.sequence:08d}-{message.id}"
+
+    def pending(self, message: OutboxMessage) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        entity = {"PartitionKey": self._partition(message), "RowKey": self._row(message), "type": message.payload["type"]}
+        try:
+            self._table.upsert_entity(entity)
+        except ResourceNotFoundError:  # the table is made with the first run; made here if it is not there yet
+            self._storage.table_service.create_table_if_not_exists(self._settings.runs_table)
+            self._table.upsert_entity(entity)
+
+    def earlier_pending(self, message: OutboxMessage) -> list[str]:
+        """The types of this run's webhooks for the same receiver, earlier in sequence, not yet delivered."""
+        receiver = self._receiver(message)
+        query = ("PartitionKey eq @partition and RowKey ge @first and RowKey lt @mine")
+        parameters = {"partition": self._partition(message), "first": f"{receiver}-",
+                      "mine": f"{receiver}-{message.sequence:08d}-"}
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return [e["type"] for e in self._table.query_entities(query, parameters=parameters, select=["type"])]
+        except ResourceNotFoundError:  # no table yet: nothing was ever queued through the ledger
+            return []
+
+    def done(self, message: OutboxMessage) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            self._table.delete_entity(self._partition(message), self._row(message))
+        except ResourceNotFoundError:
+            pass
 
 
 def deliver(message: OutboxMessage, secret: str, timeout_s: float = 10.0, client=None,

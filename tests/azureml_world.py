@@ -79,6 +79,14 @@ def job(name: str, status: str) -> dict:
     return body("job_get", "GET", 200, r"/jobs/test_680454434153$", rename={"test_680454434153": name}, edit=edit)
 
 
+def cancel_job(transport, name: str) -> None:
+    """Answer `jobs.begin_cancel(name)` as Microsoft's recording does: 202 with the operation's Location,
+    which answers 202 and then 200 (the SDK's poller reads it in the background; tunedrop never waits)."""
+    renamed = {"000000000000000000000": name}
+    transport.on("POST", rf"/jobs/{re.escape(name)}/cancel\?", answer("job_cancel", "POST", 202, rename=renamed))
+    transport.on("GET", r"/mfeOperationResults/jc:", answer("job_cancel", "GET", 200, rename=renamed))
+
+
 RECORDED_ENDPOINT = "online-ept-6696557f8dec409"
 
 

@@ -77,6 +77,10 @@ def conversations(n: int) -> bytes:
     return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
 
 
+def small_request() -> dict:
+    return {"input_string": [{"role": "user", "content": "2+2?"}]}
+
+
 def test_dataset_to_answer_to_teardown(app, caplog):
     caplog.set_level(logging.DEBUG)
     store = runs.RunStore.from_settings(app.settings)
@@ -127,13 +131,21 @@ def test_dataset_to_answer_to_teardown(app, caplog):
     assert bad_field.status_code == 400 and "input_data.input_string[0].role" in bad_field.json()["error"]
     huge = httpx.post(f"{url}/score", content=b"x" * 1_100_000, headers=key)
     assert huge.status_code == 413
+    # What the model server refuses reaches the client as it said it, the limit and setting named, at once.
+    long_prompt = {"input_data": {"input_string": [{"role": "user", "content": "word " * 200_000}]}}
+    too_long = httpx.post(f"{url}/score", json=long_prompt, headers=key, timeout=30)
+    assert too_long.status_code == 400 and too_long.json()["code"] == "prompt_too_long"
+    greedy = {"input_data": {**small_request(), "parameters": {"max_new_tokens": 100_000}}}
+    too_many = httpx.post(f"{url}/score", json=greedy, headers=key, timeout=30)
+    assert too_many.status_code == 400 and too_many.json()["code"] == "max_tokens_too_large"
+    assert "TUNEDROP_MAX_NEW_TOKENS" in too_many.json()["error"]
     # 200 concurrent requests against the ready endpoint: every one answered, none with a trace.
     small = {"input_data": {"input_string": [{"role": "user", "content": "2+2?"}],
                             "parameters": {"max_new_tokens": 2, "do_sample": False}}}
     with ThreadPoolExecutor(max_workers=50) as pool:
         replies = list(pool.map(lambda _: httpx.post(f"{url}/score", json=small, headers=key, timeout=120), range(200)))
     assert [r.status_code for r in replies] == [200] * 200
-    assert not any("Traceback" in r.text for r in [wrong, malformed, bad_field, huge, *replies])
+    assert not any("Traceback" in r.text for r in [wrong, malformed, bad_field, huge, too_long, too_many, *replies])
     endpoint_pid = _read_json(app.state_dir / "endpoints" / run.endpoint_name / "endpoint.json")["pid"]
     app.endpoint_key = (app.state_dir / "endpoints" / run.endpoint_name / "key").read_text().strip()
     assert store.get(run_id).last_scored_at
@@ -151,6 +163,9 @@ def test_dataset_to_answer_to_teardown(app, caplog):
     assert app.receiver.rejected == 0
     assert len({p["id"] for p in app.receiver.received}) == len(expected)
     assert all(p["data"]["run_id"] == run_id for p in app.receiver.received)
+    # Delivered in the run's order, whatever order the queue handed them out in.
+    sequences = [p["data"]["sequence"] for p in app.receiver.received]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
 
     # No secret in any log (ours, the host's, the SDKs', the trainer's and server's), response or webhook.
     secrets = {"webhook secret": app.settings.webhook_secret, "function key": app.host.function_key,

@@ -15,7 +15,7 @@ from shared.datasets import CODES as DATASET_CODES
 from shared.events import RUN_ID_TAG, RunEvent, run_event
 from shared.failures import ALL_CODES, FAILURES, JOB_STATUS_CODES
 from tests.azureml_transport import error
-from tests.azureml_world import ARM, MODEL, WSID, endpoint, job, recorded, registry_model, stored_run
+from tests.azureml_world import ARM, MODEL, WSID, cancel_job, endpoint, job, recorded, registry_model, stored_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,10 +147,38 @@ def test_a_job_that_never_ends_times_out(backend, transport, settings):
     pipeline.store.transition(run.run_id, runs.VALIDATING)
     pipeline.store.transition(run.run_id, runs.SUBMITTED)
     transport.on("GET", rf"{ARM}/jobs/", job(run.job_name, "Running"))
+    cancel_job(transport, run.job_name)
     later = runs.utcnow() + timedelta(minutes=settings.job_timeout_minutes + 1)
     assert pipeline.sweep(now=later).failed == [run.run_id]
     failed = pipeline.store.get(run.run_id)
-    assert failed.state == runs.FAILED and "still Running" in failed.error
+    assert failed.state == runs.FAILED and "still Running" in failed.error and "it was canceled" in failed.error
+    # nothing is left spending GPU hours: the job was cancelled, as Azure ML's recorded cancel answers
+    assert len(transport.calls("POST", rf"{ARM}/jobs/{run.job_name}/cancel")) == 1
+
+
+def test_a_job_that_ended_is_not_cancelled_when_its_run_fails(backend, transport, settings):
+    """The cancel asks the job first: one that has ended (or is gone) gets no cancel call."""
+    transport.on("GET", rf"{ARM}/jobs/", job("tunedrop-chat-0123456789ab", "Completed"))
+    backend.cancel_job("tunedrop-chat-0123456789ab")
+    assert transport.calls("POST", r"/cancel") == []
+
+
+def test_an_event_saying_a_job_completed_is_checked_against_the_job(backend, transport, settings):
+    from shared import runs
+    from shared.events import RUN_ID_TAG, RunEvent, run_event
+    from shared.pipeline import Pipeline
+
+    pipeline = Pipeline(settings, backend=backend)
+    run, _ = pipeline.store.create(stored_run(settings, job_name="tunedrop-chat-0123456789ab"))
+    pipeline.store.transition(run.run_id, runs.VALIDATING)
+    pipeline.store.transition(run.run_id, runs.SUBMITTED)
+    transport.on("GET", rf"{ARM}/jobs/", job(run.job_name, "Running"))  # Azure ML says it still trains
+    for status in ("Completed", "Failed"):
+        raw = run_event(status=status, topic=settings.workspace_id, job_name=run.job_name, experiment_name="x",
+                        run_tags={RUN_ID_TAG: run.run_id})
+        pipeline.on_run_event(RunEvent(raw["id"], raw["eventType"], raw["topic"], raw["subject"], raw["data"]))
+        assert pipeline.store.get(run.run_id).state == runs.RUNNING
+    assert transport.calls("POST", r"/cancel") == [] and transport.calls("GET", r"/models/") == []
 
 
 # ---- a job ending badly: job_<status> of the status it ended with ---------------------------------------

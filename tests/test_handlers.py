@@ -204,12 +204,24 @@ def test_job_events_only_queues_the_event_and_job_event_worker_acts_on_it(app_en
 
 def test_job_events_failed_job_fails_the_run_with_the_reason(app_env):
     run = make_run(runs.SUBMITTED)
+    job_dir = Settings.from_env().state_dir / "jobs" / run.job_name  # as the trainer leaves a job that failed
+    job_dir.mkdir(parents=True)
+    (job_dir / "job.json").write_text(json.dumps({"job_name": run.job_name, "run_id": run.run_id}))
+    (job_dir / "status.json").write_text(json.dumps({"state": "Failed", "error": "CUDA out of memory"}))
     deliver_run_event(grid_event("failed", run.job_name))
     failed = get_pipeline().store.get(run.run_id)
-    assert failed.state == runs.FAILED and failed.failed_in == runs.SUBMITTED
-    assert "No such job" in failed.error or run.job_name in failed.error
+    assert failed.state == runs.FAILED and failed.failed_in == runs.SUBMITTED and failed.error == "CUDA out of memory"
     (webhook,) = queued_webhooks(Settings.from_env())
     assert webhook["type"] == "run.failed" and webhook["data"]["code"] == "job_failed"
+
+
+def test_a_failed_event_for_a_job_that_does_not_exist_fails_the_run_as_job_notfound(app_env):
+    run = make_run(runs.SUBMITTED)  # its job was never started on this backend
+    deliver_run_event(grid_event("failed", run.job_name))
+    failed = get_pipeline().store.get(run.run_id)
+    assert failed.state == runs.FAILED and "No such job" in failed.error
+    (webhook,) = queued_webhooks(Settings.from_env())
+    assert webhook["data"]["code"] == "job_notfound"
 
 
 def test_job_events_tolerates_pascal_case_keys_and_non_run_events(app_env):
@@ -278,6 +290,35 @@ def test_notify_delivers_a_signed_webhook(app_env):
                             {"type": "run.accepted", "timestamp": "t", "data": {"run_id": "r1"}})
     handler("notify")(func.QueueMessage(id="1", body=message.to_json()))
     assert receiver.received == [{"id": message.id, "type": "run.accepted", "timestamp": "t", "data": {"run_id": "r1"}}]
+
+
+def test_one_runs_webhooks_reach_a_receiver_in_order_whatever_order_the_queue_hands_them_out(app_env, monkeypatch):
+    from shared.webhooks import Outbox
+
+    receiver = app_env["receiver"]
+    settings = Settings.from_env()
+    outbox = Outbox(settings)
+    for sequence, kind in ((2, "run.accepted"), (3, "run.submitted"), (4, "run.running")):
+        outbox.publish("r1", kind, {"state": kind}, sequence=sequence)
+    queue = default_storage().queue(settings.webhook_queue)
+    queued = {m.payload["type"]: m for m in (OutboxMessage.from_json(q.content) for q in queue.receive_messages(
+        max_messages=10, visibility_timeout=300))}
+    notify = handler("notify")
+    notify(func.QueueMessage(id="3", body=queued["run.running"].to_json()))  # the queue hands out the last first
+    assert receiver.received == []  # held: accepted and submitted are still on their way
+    notify(func.QueueMessage(id="1", body=queued["run.accepted"].to_json()))
+    notify(func.QueueMessage(id="3", body=queued["run.running"].to_json()))  # submitted is still on its way
+    notify(func.QueueMessage(id="2", body=queued["run.submitted"].to_json()))
+    notify(func.QueueMessage(id="3", body=queued["run.running"].to_json()))
+    assert [(w["type"], w["data"]["sequence"]) for w in receiver.received] == [
+        ("run.accepted", 2), ("run.submitted", 3), ("run.running", 4)]
+    # A webhook waits for an earlier one only so long: past TUNEDROP_WEBHOOK_ORDER_WAIT_S it goes anyway.
+    monkeypatch.setenv("TUNEDROP_WEBHOOK_ORDER_WAIT_S", "0")
+    outbox.publish("r2", "run.accepted", {}, sequence=2)
+    outbox.publish("r2", "run.submitted", {}, sequence=3)
+    late = [OutboxMessage.from_json(q.content) for q in queue.receive_messages(max_messages=10, visibility_timeout=300)]
+    notify(func.QueueMessage(id="5", body=next(m for m in late if m.payload["type"] == "run.submitted").to_json()))
+    assert receiver.received[-1]["type"] == "run.submitted" and receiver.received[-1]["data"]["run_id"] == "r2"
 
 
 def poison(settings):

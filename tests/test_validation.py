@@ -155,9 +155,10 @@ def test_file_codes(code, data, expected_line):
 
 
 def test_every_code_is_tested_and_documented():
+    from tests.test_dataset_limits import LIMIT_CODES
     from tests.test_formats import TESTED_CODES
 
-    tested = {c[0] for c in LINE_CASES} | {c[0] for c in FILE_CASES} | TESTED_CODES
+    tested = {c[0] for c in LINE_CASES} | {c[0] for c in FILE_CASES} | TESTED_CODES | LIMIT_CODES
     assert tested == set(CODES)
     assert not set(ERROR_CODES) & set(WARNING_CODES)
     for code in CODES:

@@ -59,7 +59,7 @@ def test_outbox_queues_one_message_per_receiver_without_the_secret(storage_env, 
     monkeypatch.setenv("TUNEDROP_WEBHOOK_URLS", "http://127.0.0.1:1/a, http://127.0.0.1:2/b")
     monkeypatch.setenv("TUNEDROP_WEBHOOK_SECRET", secret)
     settings = Settings.from_env()
-    Outbox(settings).publish("run-1", "run.accepted", {"examples": 48})
+    Outbox(settings).publish("run-1", "run.accepted", {"examples": 48}, sequence=2)
     queue = default_storage().queue(settings.webhook_queue)
     messages = [OutboxMessage.from_json(m.content) for m in queue.receive_messages(max_messages=10)]
     assert sorted(m.url for m in messages) == ["http://127.0.0.1:1/a", "http://127.0.0.1:2/b"]
@@ -69,7 +69,7 @@ def test_outbox_queues_one_message_per_receiver_without_the_secret(storage_env, 
 
 def test_unknown_event_type_is_refused(storage_env):
     with pytest.raises(WebhookError, match="Unknown webhook event type"):
-        Outbox(Settings.from_env()).publish("run-1", "run.exploded", {})
+        Outbox(Settings.from_env()).publish("run-1", "run.exploded", {}, sequence=1)
 
 
 def test_deliver_posts_a_verifiable_webhook():

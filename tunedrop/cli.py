@@ -189,10 +189,10 @@ def status(run_id: str | None, as_json: bool):
         if as_json:
             click.echo(json.dumps(run, indent=2))
             return
-        click.echo(f"{run['run_id']}: {run['state']}")
+        click.echo(f"{_shown(run['run_id'])}: {run['state']}")
         for key in ("dataset_blob", "job_name", "model_name", "model_version", "endpoint_name", "error"):
             if run.get(key):
-                click.echo(f"  {key}: {run[key]}")
+                click.echo(f"  {key}: " + "\n    ".join(_shown(line) for line in str(run[key]).split("\n")))
         if run.get("metrics"):
             click.echo("  metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in sorted(run["metrics"].items())))
@@ -206,7 +206,21 @@ def status(run_id: str | None, as_json: bool):
     if not runs:
         click.echo("No runs yet: drop a dataset with `tunedrop drop FILE`.")
     for run in runs:
-        click.echo(f"{run['run_id']:<40} {run['state']:<11} {run['dataset_blob']}")
+        line = f"{run['run_id']:<40} {run['state']:<11} {_shown(run['dataset_blob'])}"
+        if run["state"] in ("rejected", "failed") and run.get("error"):
+            line += f"  ({_brief(run['error'])})"
+        click.echo(line)
+
+
+def _shown(text) -> str:
+    """Text from a run record as one safe line: a blob name may hold control characters (escaped, as repr does)."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def _brief(error: str, limit: int = 100) -> str:
+    first = _shown(str(error).split("\n")[0])
+    return first if len(first) <= limit else first[:limit - 3] + "..."
 
 
 @cli.command()

@@ -79,6 +79,9 @@ class Backend(Protocol):
     def get_job(self, job_name: str) -> JobInfo:
         """Status, error and metrics of a job."""
 
+    def cancel_job(self, job_name: str) -> None:
+        """Begin stopping a job, never waiting; a job that has ended or does not exist is not an error."""
+
     def register_model(self, run: "Run") -> ModelRef:
         """Register the job's output model with lineage to the run; the same version on a repeated call."""
 

@@ -17,6 +17,14 @@ ERROR_CODES: dict[str, str] = {
     "invalid_parquet": "A .parquet file cannot be read as Parquet (damaged, cut short, or another format).",
     "no_messages_column": "A Parquet file has no \"messages\" column.",
     "parquet_unavailable": "Parquet support (pyarrow) is not installed where the validator runs.",
+    # file level: the dataset limits (shared/datasets/limits.py), reading stops there
+    "dataset_too_large": "A file is larger than TUNEDROP_MAX_DATASET_BYTES once decompressed (decoded, for "
+    "Parquet); reading stopped there.",
+    "compression_ratio_too_high": "A .jsonl.gz or Parquet file inflates more than TUNEDROP_MAX_COMPRESSION_RATIO "
+    "times its compressed size (a compression bomb, or the same rows over and over); reading stopped there.",
+    "too_many_examples": "A file holds more examples (a Parquet file, rows) than TUNEDROP_MAX_EXAMPLES; reading "
+    "stopped there.",
+    "too_many_tokens": "A file holds more tokens than TUNEDROP_MAX_TOKENS; reading stopped there.",
     # line level: syntax
     "line_too_long": "A line is longer than max_line_bytes; it was skipped unread.",
     "invalid_utf8": "A line is not valid UTF-8.",
@@ -49,6 +57,10 @@ ERROR_CODES: dict[str, str] = {
     "all_weights_zero": "Every assistant message has weight 0: nothing to learn.",
     # dataset level
     "too_few_examples": "Fewer valid examples than min_examples.",
+    "too_many_duplicates": "More than TUNEDROP_MAX_DUPLICATE_SHARE of a file's examples repeat an earlier "
+    "conversation (reading stops once that is certain).",
+    "training_too_long": "The rough training-time estimate is over TUNEDROP_MAX_ESTIMATED_HOURS.",
+    "training_too_costly": "The rough training-cost estimate is over TUNEDROP_MAX_ESTIMATED_COST.",
     "bad_override": "A training-parameter override (blob metadata `tunedrop_<param>`, the sidecar "
     "`<name>.tunedrop.json`, or TUNEDROP_TRAINING_OVERRIDES) is unknown, has a bad value, or the sidecar "
     "is not a JSON object.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
+from shared.datasets.limits import RATIO_FLOOR, bound, ratio_too_high, too_large, too_many_examples
 from shared.datasets.report import FileFault, short
 
 #: Dataset formats: chat JSONL, gzip-compressed chat JSONL, Parquet with a ``messages`` column.
@@ -54,11 +55,17 @@ def sniff_text(head: bytes) -> int:
 
 
 class GzipReader:
-    """The decompressed bytes of a gzip stream (one or more members), at most :data:`GZ_OUT` at a time."""
+    """The decompressed bytes of a gzip stream (one or more members), at most :data:`GZ_OUT` at a time.
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
+    ``max_ratio``: once :data:`limits.RATIO_FLOOR` bytes are inflated, a stream inflating more than that
+    many times the compressed bytes it has consumed is refused (``compression_ratio_too_high``), there
+    and then: a bomb is never inflated further."""
+
+    def __init__(self, chunks: Iterable[bytes], max_ratio: float | None = None) -> None:
         self.chunks = chunks
         self.compressed_bytes = 0
+        self.inflated = 0
+        self.max_ratio = bound(max_ratio)
 
     def __iter__(self) -> Iterator[bytes]:
         import zlib
@@ -85,6 +92,11 @@ class GzipReader:
                     raise FileFault("corrupt_gzip", f"the gzip data is damaged ({exc}): compress the file again "
                                     "with gzip and upload it whole") from None
                 if out:
+                    self.inflated += len(out)
+                    if self.max_ratio is not None and self.inflated > RATIO_FLOOR:
+                        consumed = self.compressed_bytes - len(d.unused_data if d.eof else d.unconsumed_tail)
+                        if self.inflated > self.max_ratio * consumed:
+                            raise ratio_too_high(self.max_ratio, self.inflated, consumed)
                     yield out
                 if d.eof:  # a member ended; another may follow (concatenated gzip files)
                     data = d.unused_data
@@ -104,12 +116,25 @@ class ParquetReader:
     """The rows of a Parquet upload, a row group's batch at a time, nulls dropped (a null is "absent").
 
     The upload is spooled (memory up to :data:`SPOOL_MEMORY`, then a temp file), since Parquet's
-    footer comes last; ``bytes`` counts it, ``rows`` the rows yielded so far."""
+    footer comes last; ``bytes`` counts it, ``rows`` the rows yielded so far, ``decoded`` the bytes
+    of the rows decoded so far (Arrow's in-memory size: a Parquet file is compressed too). The
+    limits: an upload over ``max_bytes`` stops spooling; the footer's row count over ``max_rows``,
+    or its uncompressed size over ``max_bytes`` or ``max_ratio`` times the file, refuses the file
+    before a row is read; the decoded rows are held to both limits batch by batch."""
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
+    def __init__(self, chunks: Iterable[bytes], *, max_bytes: int | None = None, max_ratio: float | None = None,
+                 max_rows: int | None = None) -> None:
         self.chunks = chunks
         self.bytes = 0
         self.rows = 0
+        self.decoded = 0
+        self.max_bytes, self.max_ratio, self.max_rows = bound(max_bytes), bound(max_ratio), bound(max_rows)
+
+    def _check(self, size: int, what: str) -> None:
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise too_large(self.max_bytes, size, True)
+        if self.max_ratio is not None and size > RATIO_FLOOR and size > self.max_ratio * self.bytes:
+            raise ratio_too_high(self.max_ratio, size, self.bytes, what)
 
     def __iter__(self) -> Iterator[list[dict]]:
         import tempfile
@@ -118,6 +143,8 @@ class ParquetReader:
             for chunk in self.chunks:
                 spool.write(chunk)
                 self.bytes += len(chunk)
+                if self.max_bytes is not None and self.bytes > self.max_bytes:
+                    raise too_large(self.max_bytes, self.bytes, False)
             if not self.bytes:
                 return  # reported as an empty file
             try:
@@ -135,9 +162,16 @@ class ParquetReader:
             if "messages" not in names:
                 raise FileFault("no_messages_column", f'no "messages" column (columns: {", ".join(names[:10]) or "none"}): '
                                 'add a "messages" column of [{"role", "content"}, ...] lists')
+            meta = pf.metadata
+            if self.max_rows is not None and meta.num_rows > self.max_rows:
+                raise too_many_examples(self.max_rows, meta.num_rows, rows=True)
+            self._check(sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)),
+                        "says it inflates")
             columns = [c for c in ("messages", "prompt", "prompt_id") if c in names]
             try:
                 for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
+                    self.decoded += batch.nbytes
+                    self._check(self.decoded, "decodes")
                     rows = [_drop_nulls(row) for row in batch.to_pylist()]
                     self.rows += len(rows)
                     yield rows

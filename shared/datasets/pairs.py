@@ -65,12 +65,14 @@ def validate_pair(train: Iterable[bytes], test: Iterable[bytes], *, train_source
                   test_source: str = "test", train_format: str = "jsonl", test_format: str = "jsonl",
                   min_examples: int = 10, **options) -> Report:
     """Validate a train/test pair (used as given): the train file as :func:`validate_chunks` does,
-    the test file needing one example, and each test conversation looked up among the train
-    file's (``test_in_train``). One report: its issues name their file, its stats are the train
-    file's with the test file's under ``stats["test"]``."""
+    the test file needing one example (the duplicate share is the train file's), and each test
+    conversation looked up among the train file's (``test_in_train``). One report: its issues name
+    their file, its stats are the train file's with the test file's under ``stats["test"]``."""
     options = {"max_errors": 50, **options}
     train_v, train_report = check_file(train, train_source, train_format, {**options, "min_examples": min_examples})
-    _, test_report = check_file(test, test_source, test_format, {**options, "min_examples": 1}, train=train_v)
+    # The test file needs one example, and may repeat itself: what is trained on is the train file's.
+    _, test_report = check_file(test, test_source, test_format, {**options, "min_examples": 1,
+                                                                 "max_duplicate_share": None}, train=train_v)
     cap = max(0, options["max_errors"])
     cap_warnings = cap if options.get("max_warnings") is None else max(0, options["max_warnings"])
 

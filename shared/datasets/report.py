@@ -92,6 +92,11 @@ class Report:
             from shared.tokens import estimate_line
 
             out.append("  " + estimate_line(s["training"]))
+        ev = s.get("evaluation")
+        if ev:
+            out.append(f"  evaluation: a seeded sample of {ev['evaluated']:,} of the {ev['held_out']:,} held-out "
+                       "examples (TUNEDROP_MAX_EVAL_EXAMPLES)" if ev["sampled"] else
+                       f"  evaluation: all {plural(ev['held_out'], 'held-out example')}")
         shown, total, kind = (
             (self.errors, self.error_count, "errors") if self.errors or self.error_count
             else (self.warnings, self.warning_count, "warnings")

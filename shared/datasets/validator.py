@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 from typing import Iterable, Iterator
 
+from shared.datasets import limits
 from shared.datasets.formats import FORMATS, GzipReader, ParquetReader, detect_format, read_chunks
+from shared.datasets.limits import READING_CODES, DatasetLimitError, bound
 from shared.datasets.lines import LineSplitter
 from shared.datasets.report import FileFault, IssueLog, LineFault, Report, plural
 from shared.datasets.rows import RowReader, typed_loads
@@ -26,7 +28,9 @@ class Validator:
     """One file's check. ``track=False`` skips statistics (reading rows for training);
     ``collect=True`` keeps each valid conversation in ``out`` for the caller to drain;
     ``typed=False`` sends every row through the general path (the tests compare the two);
-    ``train`` is the validator of a pair's train file, when this one reads its test file."""
+    ``train`` is the validator of a pair's train file, when this one reads its test file.
+    The ``max_*`` limits (:mod:`limits`; None or 0: none) stop the reading at the first piece past
+    them, but for the duplicate share, which is a verdict on the whole file."""
 
     def __init__(
         self,
@@ -42,8 +46,20 @@ class Validator:
         tokenizer=None,
         max_seq_length: int | None = None,
         train: Validator | None = None,
+        max_bytes: int | None = None,
+        max_ratio: float | None = None,
+        max_examples: int | None = None,
+        max_tokens: int | None = None,
+        max_duplicate_share: float | None = None,
     ) -> None:
         self.min_examples = min_examples
+        self.max_bytes, self.max_ratio = bound(max_bytes), bound(max_ratio)
+        self.max_examples, self.max_tokens = bound(max_examples), bound(max_tokens)
+        self.max_duplicate_share = bound(max_duplicate_share) if track else None
+        # Past this many duplicates the share is over the limit however the file goes on (or it is over
+        # max_examples): reading may stop there.
+        self.max_duplicates = (int(self.max_duplicate_share * self.max_examples)
+                               if self.max_duplicate_share is not None and self.max_examples is not None else None)
         self.max_depth = max(1, max_depth)
         self.collect = collect
         self.track = track
@@ -58,6 +74,7 @@ class Validator:
         self.format = "jsonl"
         self.reader: GzipReader | ParquetReader | None = None
         self.fatal = False
+        self.fault: FileFault | None = None
         self.lineno = 0
         self.blank_lines = 0
         self.blank_run: tuple[int, int] | None = None  # (first line, count) of blank lines not yet followed
@@ -76,29 +93,50 @@ class Validator:
         if format not in FORMATS:
             raise ValueError(f"format {format!r}: use one of {', '.join(FORMATS)}")
         self.format = format
+        check = (self.max_examples, self.max_tokens, self.max_duplicates) != (None, None, None)
         try:
             if format == "parquet":
-                self.reader = ParquetReader(chunks)
+                self.reader = ParquetReader(chunks, max_bytes=self.max_bytes, max_ratio=self.max_ratio,
+                                            max_rows=self.max_examples)
                 for batch in self.reader:
                     for row in batch:
                         self.lineno += 1
                         self._counted(self.lineno, self.rows.general(row, self.lineno, False))
+                    if check:
+                        self._within_limits()
                     yield
             else:
                 if format == "jsonl.gz":
-                    self.reader = GzipReader(chunks)
+                    self.reader = GzipReader(chunks, self.max_ratio)
                     chunks = self.reader
+                max_bytes, lines = self.max_bytes, self.lines
                 for chunk in chunks:
-                    self.lines.feed(chunk)
+                    if max_bytes is not None and lines.read + len(chunk) > max_bytes:
+                        raise limits.too_large(max_bytes, lines.read + len(chunk), format == "jsonl.gz")
+                    lines.feed(chunk)
+                    if check:
+                        self._within_limits()
                     yield
-                self.lines.finish()
+                lines.finish()
+                if check:
+                    self._within_limits()
         except FileFault as fault:
             self.stop(fault)
+
+    def _within_limits(self) -> None:
+        """The limits checked while reading, after each piece: FileFault past one."""
+        if self.max_examples is not None and self.examples > self.max_examples:
+            raise limits.too_many_examples(self.max_examples, self.examples)
+        if self.max_tokens is not None and self.tokens is not None and self.tokens.total > self.max_tokens:
+            raise limits.too_many_tokens(self.max_tokens, self.tokens.total)
+        if self.max_duplicates is not None and self.duplicates > self.max_duplicates:
+            raise limits.too_many_duplicates(self.max_duplicate_share, self.duplicates, self.examples, self.max_examples)
 
     def stop(self, fault: FileFault) -> None:
         """A file-level error: reading stops, nothing after it would mean anything."""
         self.log.first(fault.code, fault.message, fault.line)
         self.fatal = True
+        self.fault = fault
 
     def _too_long(self, length: int, newline: bool) -> None:
         """A line over the limit, seen only as a length: it was never held whole."""
@@ -203,6 +241,11 @@ class Validator:
         tokens = self.tokens.stats(log) if self.tokens is not None and not self.fatal else None
         read = self.reader.bytes if isinstance(self.reader, ParquetReader) else self.lines.read
         if not self.fatal:
+            if tokens is not None and self.max_tokens is not None and tokens["total"] > self.max_tokens:
+                log.first("too_many_tokens", limits.too_many_tokens(self.max_tokens, tokens["total"], False).message)
+            share = self.max_duplicate_share
+            if share is not None and self.examples and self.duplicates > share * self.examples:
+                log.first("too_many_duplicates", limits.too_many_duplicates(share, self.duplicates, self.examples).message)
             if self.lineno - self.blank_lines == 0:
                 what = ("file is empty" if read == 0 else "file has no rows" if self.format == "parquet"
                         else "file holds only blank lines")
@@ -240,6 +283,8 @@ class Validator:
             stats["format"] = self.format
             if isinstance(self.reader, GzipReader):
                 stats["compressed_bytes"] = self.reader.compressed_bytes
+            elif isinstance(self.reader, ParquetReader) and self.reader.decoded:
+                stats["decoded_bytes"] = self.reader.decoded
         return Report(accepted=log.error_count == 0, errors=list(log.errors), warnings=list(log.warnings), stats=stats,
                       error_count=log.error_count, warning_count=log.warning_count, source=source)
 
@@ -266,18 +311,25 @@ def validate_chunks(
     max_warnings: int | None = None,
     tokenizer=None,
     max_seq_length: int | None = None,
+    **limit_options,
 ) -> Report:
     """Validate a chat dataset given as byte chunks of any size; memory stays bounded.
 
     ``format`` is one of :data:`FORMATS` (see :func:`detect_format`). ``max_warnings`` defaults
     to ``max_errors``. The counts in the report are true totals even where the lists are capped.
     Stops reading early only on a file-level error (compressed, UTF-16 or binary file, damaged
-    gzip or Parquet). With a ``tokenizer`` (see :mod:`shared.tokens`), tokens per example are
-    counted in batches and examples over ``max_seq_length`` draw one ``too_long`` warning.
+    gzip or Parquet, a limit passed). With a ``tokenizer`` (see :mod:`shared.tokens`), tokens per
+    example are counted in batches and examples over ``max_seq_length`` draw one ``too_long`` warning.
+    ``limit_options``: the dataset limits, :data:`limits.OPTIONS` (``max_bytes``, ``max_ratio``,
+    ``max_examples``, ``max_tokens``, ``max_duplicate_share``); none by default, check_dataset's
+    come from the settings.
     """
+    unknown = set(limit_options) - set(limits.OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}")
     return check_file(chunks, source, format, dict(
         min_examples=min_examples, max_errors=max_errors, max_warnings=max_warnings, max_line_bytes=max_line_bytes,
-        max_depth=max_depth, tokenizer=tokenizer, max_seq_length=max_seq_length))[1]
+        max_depth=max_depth, tokenizer=tokenizer, max_seq_length=max_seq_length, **limit_options))[1]
 
 
 def check_file(chunks, source: str, format: str, options: dict, train: Validator | None = None):
@@ -297,18 +349,24 @@ def validate_path(path, *, chunk_size: int = 1 << 20, **kw) -> Report:
 
 
 def iter_conversations(
-    chunks: Iterable[bytes], *, format: str = "jsonl", max_line_bytes: int = 1_048_576, max_depth: int = 32
+    chunks: Iterable[bytes], *, format: str = "jsonl", max_line_bytes: int = 1_048_576, max_depth: int = 32,
+    max_bytes: int | None = None, max_ratio: float | None = None, max_examples: int | None = None,
 ) -> Iterator[list[dict]]:
     """Yield the normalized messages ``[{"role", "content"}, ...]`` of each valid row, in order.
 
     Rows that validation would reject are skipped (validate first); ``weight`` and other message
-    keys are dropped. Memory is bounded by the chunk size (a Parquet row group).
+    keys are dropped. Memory is bounded by the chunk size (a Parquet row group). Past a limit
+    (size, compression ratio, examples: :mod:`shared.datasets.limits`) it raises
+    :class:`DatasetLimitError`, having yielded no row of the piece that passed it.
     """
     v = Validator(min_examples=0, max_errors=0, max_warnings=0, max_line_bytes=max_line_bytes,
-                  max_depth=max_depth, collect=True, track=False)
+                  max_depth=max_depth, collect=True, track=False, max_bytes=max_bytes, max_ratio=max_ratio,
+                  max_examples=max_examples)
     for _ in v.drive(chunks, format):
         if v.out:
             out, v.out = v.out, []
             yield from out
+    if v.fault is not None and v.fault.code in READING_CODES:
+        raise DatasetLimitError(v.fault.code, v.fault.message)
     if v.out:
         yield from v.out

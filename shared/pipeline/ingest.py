@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 from shared import faults, runs
 from shared.backends.base import BackendError
@@ -22,6 +24,50 @@ CLAIM_LEASE = timedelta(minutes=10)
 #: How long a pair's train half waits for its test half before its run fails.
 PAIR_WAIT = timedelta(hours=1)
 REPORT_ISSUES_KEPT = 20
+
+#: Characters a dataset's blob name may not hold: control characters (C0, DEL, C1), which log lines,
+#: HTTP headers and XML listings cannot carry as they are (Azurite fails every listing that would hold
+#: one); lone surrogates and the noncharacters U+FFFE/U+FFFF; the bidirectional controls that make a
+#: name read as another.
+_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff\u202a-\u202e\u2066-\u2069]")
+#: A '.' or '..' path segment: URL clients resolve it away, so the blob cannot be read by its URL, and
+#: with a token (no signed path) the request could reach another blob.
+_DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.{1,2}(?:[/\\]|$)")
+
+
+def blob_name_problem(name: str, max_chars: int) -> str | None:
+    """Why tunedrop will not read a blob by this name, or None. The one rule, for Azure and locally:
+    at most TUNEDROP_MAX_BLOB_NAME_CHARS characters, no control or invisible formatting characters, no
+    backslash (storage turns it into '/'), no '.' or '..' path segment. Such a blob becomes a rejected
+    run (`bad_blob_name`) and is quarantined under a safe name, unread."""
+    if len(name) > max_chars:
+        return f"the name is {len(name):,} characters long, over TUNEDROP_MAX_BLOB_NAME_CHARS ({max_chars:,})"
+    found = sorted({f"U+{ord(c):04X}" for c in _UNSAFE_CHARS.findall(name)})
+    if found:
+        return (f"the name holds control or invisible characters ({', '.join(found[:5])}), which logs, headers and "
+                "storage listings cannot carry as they are")
+    if "\\" in name:
+        return "the name holds a backslash, which Azure Storage turns into '/'"
+    if _DOT_SEGMENT.search(name):
+        return "the name has a '.' or '..' path segment, which URLs resolve away: the blob cannot be read by its name"
+    return None
+
+
+def _addressable(name: str) -> str:
+    """The name to build a blob URL from: '/' written '\\' when a dot segment would be resolved away
+    (storage turns '\\' back into '/', after it has split the container from the blob name)."""
+    return name.replace("/", "\\") if _DOT_SEGMENT.search(name) else name
+
+
+def _safe_basename(name: str) -> str:
+    """The last segment of an odd name, percent-encoded, for its place in quarantine."""
+    base = quote(re.split(r"[/\\]", name)[-1], safe="")[:200]
+    return base if base not in ("", ".", "..") else "blob"
+
+
+def _metadata_value(text: str) -> str:
+    """``text`` as blob metadata can carry it (an HTTP header: printable ASCII), percent-encoded if need be."""
+    return text if text.isascii() and text.isprintable() else quote(text, safe="/")
 
 
 def _compact(report: dict[str, Any]) -> dict[str, Any]:
@@ -40,14 +86,17 @@ class Ingest(Steps):
 
         from shared.datasets import pair_half
 
+        problem = blob_name_problem(blob.blob_name, self.settings.max_blob_name_chars)
+        if problem is not None:
+            return self._reject_name(blob, problem, now)
         try:
             props = blob.get_blob_properties()
         except ResourceNotFoundError:
-            log.info("blob %s/%s is gone, nothing to ingest", blob.container_name, blob.blob_name)
+            log.info("blob %s/%r is gone, nothing to ingest", blob.container_name, blob.blob_name)
             return None
         container, name, etag = blob.container_name, blob.blob_name, props.etag
         if name.endswith(SIDECAR_SUFFIX):
-            log.info("blob %s is a sidecar of training parameters, read when its dataset is ingested", name)
+            log.info("blob %r is a sidecar of training parameters, read when its dataset is ingested", name)
             return None
         half = pair_half(name)
         partner, partner_props = self._partner(container, half) if half else (None, None)
@@ -117,7 +166,8 @@ class Ingest(Steps):
                               report=_compact(report_dict), error=message, content_sha256=content.hexdigest())
         claimed = self.store.update(run_id, content_sha256=content.hexdigest(),
                                     base_model=config.base_model or self.settings.effective_base_model)
-        self.outbox.publish(run_id, "run.accepted", {"dataset": name, "report": report_dict, "summary": report.summary()})
+        self.outbox.publish(run_id, "run.accepted", {"dataset": name, "report": report_dict, "summary": report.summary()},
+                            sequence=len(claimed.history))
         try:
             job_name = self.backend.submit_finetune(claimed, config)
             faults.point("after_submit")
@@ -180,16 +230,60 @@ class Ingest(Steps):
                 return other
         return None
 
-    def _quarantine(self, blob, etag: str, run_id: str, report: dict[str, Any] | None) -> dict[str, str]:
+    def _reject_name(self, blob, problem: str, now: datetime | None) -> Run | None:
+        """A blob whose name tunedrop will not read (:func:`blob_name_problem`): a rejected run with code
+        `bad_blob_name`, the blob quarantined under a safe name (or, if that fails, left where it is and
+        logged). Nothing of it is read but its properties."""
+        from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+        container, name = blob.container_name, blob.blob_name
+        safe = self.storage.blob_service.get_blob_client(container, _addressable(name))
+        try:
+            props = safe.get_blob_properties()
+            etag, size = props.etag, props.size
+        except ResourceNotFoundError:
+            log.info("blob %r in %s is gone, nothing to ingest", name, container)
+            return None
+        except AzureError as exc:  # not even its properties: still a rejected run, named and logged
+            log.warning("blob %r in %s: its properties cannot be read (%s)", name, container, type(exc).__name__)
+            etag, size = "", 0
+        run_id = runs.run_id_for(container, name, etag)
+        run, _ = self.store.create(Run(run_id, dataset_container=container, dataset_blob=name, dataset_etag=etag,
+                                       dataset_bytes=size, base_model=self.settings.effective_base_model))
+        claimed = self.store.claim(run, CLAIM_LEASE, now=now)
+        if claimed is None:
+            log.info("run %s: already %s, duplicate delivery ignored", run_id, run.state)
+            return run
+        base = f"{run_id}/{_safe_basename(name)}"
+        message = (f"Blob name {name!r} is not accepted: {problem}. The blob was not read; upload the dataset again "
+                   f"under a plain name (letters, digits, '-', '_', '.', '/').")
+        report = {"accepted": False, "errors": [{"line": None, "code": "bad_blob_name", "message": message,
+                                                 "field": None}],
+                  "warnings": [], "stats": {}, "error_count": 1, "warning_count": 0}
+        location = None
+        if etag:
+            try:
+                location = self._quarantine(safe, etag, run_id, report, base=base, source=name)
+            except AzureError as exc:
+                log.warning("run %s: blob %r could not be quarantined (%s: %s); it stays in %s", run_id, name,
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", container)
+        log.warning("run %s: rejected blob %r in %s: %s", run_id, name, container, problem)
+        return self._move(run_id, runs.REJECTED, "run.rejected",
+                          {"dataset": name, "report": report, "summary": message, "quarantine": location},
+                          report=report, error=message)
+
+    def _quarantine(self, blob, etag: str, run_id: str, report: dict[str, Any] | None, base: str | None = None,
+                    source: str | None = None) -> dict[str, str]:
         """Move the rejected blob to the quarantine container, its report beside it."""
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
         container = self.storage.ensure_container(self.settings.quarantine_container)
-        base = f"{run_id}/{blob.blob_name.rsplit('/', 1)[-1]}"
-        source = blob.download_blob(etag=etag, match_condition=MatchConditions.IfNotModified)
-        container.upload_blob(base, source.chunks(), overwrite=True,
-                              metadata={"run_id": run_id, "source": f"{blob.container_name}/{blob.blob_name}"})
+        base = base or f"{run_id}/{blob.blob_name.rsplit('/', 1)[-1]}"
+        source = f"{blob.container_name}/{source or blob.blob_name}"
+        data = blob.download_blob(etag=etag, match_condition=MatchConditions.IfNotModified)
+        container.upload_blob(base, data.chunks(), overwrite=True,
+                              metadata={"run_id": run_id, "source": _metadata_value(source)})
         if report is not None:  # None for a pair's test half: the report is beside its train half
             container.upload_blob(f"{base}.report.json", json.dumps(report, indent=2).encode(), overwrite=True)
         try:

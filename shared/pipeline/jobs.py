@@ -10,7 +10,7 @@ from shared.backends.base import BackendError, JobInfo, ModelRef, run_of_job
 from shared.events import RunEvent
 from shared.pipeline.steps import Steps, log
 from shared.runs import Run, utcnow
-from shared.status import ACTIVE, ENDED_BADLY, JobStatus, job_status
+from shared.status import ACTIVE, ENDED_BADLY, TERMINAL, JobStatus, job_status
 from shared.training import TrainingConfig
 
 
@@ -48,17 +48,25 @@ class JobSteps(Steps):
         return None
 
     def _on_job_status(self, run: Run, status: str, job: JobInfo | None = None) -> Run | None:
-        """Move ``run`` for its job's ``status``; ``job`` when the caller already read it (no second read)."""
+        """Move ``run`` for its job's ``status``; ``job`` when the caller already read it (no second read).
+
+        An event saying the job ended is checked against the job itself before the run moves on: Event
+        Grid may deliver a forged, replayed or confused event, and a run must not succeed (or fail while
+        its job trains on, spending) on an event's word alone."""
         status = job_status(status)
+        if job is None and status in TERMINAL:
+            job = self.backend.get_job(run.job_name)
+            if job_status(job.status) != status:
+                log.warning("run %s: an event says job %s is %s, the job says %s: acting on the job", run.run_id,
+                            run.job_name, status, job.status)
+            status = job_status(job.status)
         if status in ACTIVE:
             return self._move(run.run_id, runs.RUNNING, "run.running", {"job_name": run.job_name})
         if status == JobStatus.COMPLETED:
-            job = job or self.backend.get_job(run.job_name)
             moved = self._move(run.run_id, runs.SUCCEEDED, "run.succeeded",
                                {"job_name": run.job_name, "metrics": job.metrics}, metrics=job.metrics)
             return self.advance(moved or self.store.get(run.run_id))
         if status in ENDED_BADLY:
-            job = job or self.backend.get_job(run.job_name)
             reason = job.error or f"Job {run.job_name} ended {status}."
             return self._move(run.run_id, runs.FAILED, "run.failed",
                               {"error": reason, "code": f"job_{status.lower()}", "failed_in": run.state}, error=reason)
@@ -101,12 +109,12 @@ class JobSteps(Steps):
             reopened = self.store.reopen(run, runs.SUBMITTED, job_name=job_name, metrics={})
             if reopened is not None:
                 self.outbox.publish(run_id, "run.submitted", {"state": runs.SUBMITTED, "job_name": job_name,
-                                                              "retry": retry}, retry=retry)
+                                                              "retry": retry}, sequence=len(reopened.history), retry=retry)
             return reopened or self.store.get(run_id)
-        if run.failed_in in (runs.SUCCEEDED, runs.REGISTERED, runs.DEPLOYING):
-            if run.failed_in == runs.DEPLOYING and run.endpoint_name:
+        if run.failed_in in (runs.SUCCEEDED, runs.REGISTERED, runs.DEPLOYING, runs.DEPLOYED):
+            if run.failed_in in (runs.DEPLOYING, runs.DEPLOYED) and run.endpoint_name:
                 self.backend.delete_endpoint(run.endpoint_name)
-            target = runs.REGISTERED if run.failed_in == runs.DEPLOYING else run.failed_in
+            target = runs.REGISTERED if run.failed_in in (runs.DEPLOYING, runs.DEPLOYED) else run.failed_in
             reopened = self.store.reopen(run, target)
             return self.advance(reopened) if reopened is not None else self.store.get(run_id)
         raise RetryError(f"Run {run_id} failed while {run.failed_in or 'starting'}: upload the dataset again "

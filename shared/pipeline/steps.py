@@ -8,6 +8,7 @@ from typing import Any
 
 from shared import runs
 from shared.backends import get_backend
+from shared.backends.base import BackendError
 from shared.runs import Run, RunStore
 from shared.settings import Settings
 from shared.webhooks import Outbox
@@ -37,10 +38,19 @@ class Steps:
         """Transition and, only if this call made the change, publish its webhook."""
         moved = self.store.transition(run_id, target, **changes)
         if moved is not None and event_type:
-            self.outbox.publish(run_id, event_type, {"state": moved.state, **(data or {})}, retry=moved.retries)
+            self.outbox.publish(run_id, event_type, {"state": moved.state, **(data or {})},
+                                sequence=len(moved.history), retry=moved.retries)
         return moved
 
     def _fail(self, run: Run, error: str, code: str = "") -> Run | None:
+        """Fail the run; a job it may still have running is cancelled first, so nothing is left spending."""
+        if run.state in (runs.SUBMITTED, runs.RUNNING) and run.job_name:
+            try:
+                self.backend.cancel_job(run.job_name)
+            except BackendError as exc:
+                if exc.retryable:
+                    raise  # fail it on the next try, when the cancel can be made
+                log.warning("run %s: could not cancel job %s: %s", run.run_id, run.job_name, exc)
         log.warning("run %s failed in %s: %s", run.run_id, run.state, error)
         return self._move(run.run_id, runs.FAILED, "run.failed", {"error": error, "code": code, "failed_in": run.state},
                           error=error)

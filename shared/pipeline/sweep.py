@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from shared import faults, runs
-from shared.backends.base import DEPLOY_CREATING, DEPLOY_READY
+from shared.backends.base import DEPLOY_CREATING, DEPLOY_MISSING, DEPLOY_READY
 from shared.pipeline.ingest import CLAIM_LEASE, Ingest
 from shared.pipeline.jobs import JobSteps
 from shared.pipeline.steps import log
@@ -96,12 +96,25 @@ class Sweeper(Ingest, JobSteps):
         last_used = datetime.fromisoformat(run.last_scored_at or run.deployed_at or run.updated_at)
         idle = now - last_used
         if idle < timedelta(minutes=self.settings.idle_minutes):
+            self._check_health(run, result)
             return
         self.backend.delete_endpoint(run.endpoint_name)
         faults.point("after_delete")
         if self._move(run.run_id, runs.TORN_DOWN, "endpoint.torn_down",
                       {"endpoint_name": run.endpoint_name, "idle_minutes": round(idle.total_seconds() / 60, 2)}):
             result.torn_down.append(run.run_id)
+
+    def _check_health(self, run: Run, result: SweepResult) -> None:
+        """A deployed endpoint that stopped serving (its server died, Azure deleted or failed it) fails the
+        run visibly, with a webhook, instead of answering 503 for ever; `retry` deploys it again."""
+        info = self.backend.get_deployment(run.endpoint_name)
+        if info.state in (DEPLOY_READY, DEPLOY_CREATING):  # creating: Azure is updating it, still serving
+            return
+        code = info.error_code or ("endpoint_missing" if info.state == DEPLOY_MISSING else "endpoint_failed")
+        self.backend.delete_endpoint(run.endpoint_name)
+        if self._fail(run, f"Endpoint {run.endpoint_name} stopped serving: {info.error or info.state}. "
+                           f"`tunedrop retry {run.run_id}` deploys the model again.", code):
+            result.failed.append(run.run_id)
 
     def _sweep_job(self, run: Run, now: datetime, result: SweepResult) -> None:
         job = self.backend.get_job(run.job_name)

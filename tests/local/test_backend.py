@@ -53,27 +53,92 @@ def failed_webhook(settings) -> dict:
     return failed
 
 
-def test_a_completed_event_for_a_job_still_running_fails_registration_as_job_not_completed(local):
-    pipeline, backend, settings = local
-    run = make_run(pipeline, runs.SUBMITTED)
+def training(backend, run) -> subprocess.Popen:
+    """The job as the trainer leaves it while it trains: the spec, its pid (a process of its own session, as
+    the backend spawns it), status Running and no MLflow model yet."""
     job_dir = backend.jobs_dir / run.job_name
     job_dir.mkdir(parents=True)
-    # As the trainer leaves its job while it trains: the spec, its pid (a process of its own session, as
-    # the backend spawns it; stop_all ends it), status Running and no MLflow model yet.
     trainer = subprocess.Popen(["sleep", "120"], start_new_session=True)
     (job_dir / "job.json").write_text(json.dumps({"job_name": run.job_name, "run_id": run.run_id}))
     (job_dir / "pid.json").write_text(json.dumps({"pid": trainer.pid}))
     (job_dir / "status.json").write_text(json.dumps({"state": "Running", "pid": trainer.pid, "metrics": {}}))
     assert backend.get_job(run.job_name).status == "Running"
-    raw = run_event(status="Completed", topic=settings.workspace_id, job_name=run.job_name,
+    return trainer
+
+
+def job_event(settings, run, status: str) -> RunEvent:
+    raw = run_event(status=status, topic=settings.workspace_id, job_name=run.job_name,
                     experiment_name="tunedrop", run_tags={RUN_ID_TAG: run.run_id})
-    failed = pipeline.on_run_event(RunEvent(raw["id"], raw["eventType"], raw["topic"], raw["subject"], raw["data"]))
+    return RunEvent(raw["id"], raw["eventType"], raw["topic"], raw["subject"], raw["data"])
+
+
+def webhook_types(settings) -> list[str]:
+    queue = default_storage().queue(settings.webhook_queue)
+    return [OutboxMessage.from_json(m.content).payload["type"] for m in queue.peek_messages(max_messages=32)]
+
+
+def test_an_event_saying_the_job_ended_is_checked_against_the_job_first(local):
+    pipeline, backend, settings = local
+    run = make_run(pipeline, runs.SUBMITTED)
+    trainer = training(backend, run)
+    for status in ("Completed", "Failed", "Canceled"):  # each a lie: the trainer is still training
+        pipeline.on_run_event(job_event(settings, run, status))
+        now = pipeline.store.get(run.run_id)
+        assert now.state == runs.RUNNING and not now.metrics and not now.error
+    assert webhook_types(settings) == ["run.running"]  # no run.succeeded with empty metrics, no run.failed
+    assert trainer.poll() is None  # and the job trains on
+
+
+def test_a_run_that_fails_while_its_job_trains_stops_the_job(local):
+    pipeline, backend, settings = local
+    run = make_run(pipeline, runs.SUBMITTED)
+    trainer = training(backend, run)
+    pipeline.settings = dataclasses.replace(settings, job_timeout_minutes=0)
+    assert pipeline.sweep().failed == [run.run_id]
+    failed = pipeline.store.get(run.run_id)
+    assert failed.state == runs.FAILED and "TUNEDROP_JOB_TIMEOUT_MINUTES" in failed.error
+    assert failed_webhook(settings)["code"] == "job_timeout"
+    trainer.wait(timeout=15)  # SIGTERM from the backend's cancel: nothing is left training
+    assert trainer.returncode == -signal.SIGTERM
+
+
+def test_registration_of_a_job_that_did_not_complete_fails_as_job_not_completed(local):
+    pipeline, backend, settings = local
+    run = make_run(pipeline, runs.SUCCEEDED)  # e.g. a retry from `succeeded` while its model is not there
+    training(backend, run)
+    failed = pipeline.advance(run)
     assert failed.state == runs.FAILED and failed.failed_in == runs.SUCCEEDED and not failed.model_version
     assert failed.error == f"Job {run.job_name} has no completed model to register."
     assert failed_webhook(settings)["code"] == "job_not_completed"
     with pytest.raises(BackendError) as again:  # not a passing hiccup: asking again gives the same answer
         backend.register_model(failed)
     assert (again.value.code, again.value.retryable) == ("job_not_completed", False)
+
+
+def test_a_deployed_endpoint_whose_server_died_fails_visibly_and_can_be_retried(local):
+    pipeline, backend, settings = local
+    run = make_run(pipeline, runs.REGISTERED)
+    endpoint = "td-chat-0123456789"
+    ep_dir = backend.endpoints_dir / endpoint
+    ep_dir.mkdir(parents=True)
+    server = subprocess.Popen(["sleep", "120"], start_new_session=True)  # stands in for a serving model server
+    (ep_dir / "endpoint.json").write_text(json.dumps({"pid": server.pid, "port": 9, "run_id": run.run_id}))
+    (ep_dir / "state.json").write_text(json.dumps({"state": "ready"}))
+    (ep_dir / "server.log").write_text("serving\nKilled\n")
+    pipeline.store.transition(run.run_id, runs.DEPLOYING, endpoint_name=endpoint, model_name="m", model_version="1")
+    pipeline.store.transition(run.run_id, runs.DEPLOYED, deployed_at=runs.utcnow().isoformat())
+    assert pipeline.sweep().failed == []  # healthy: nothing to do
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+    assert pipeline.sweep().failed == [run.run_id]
+    failed = pipeline.store.get(run.run_id)
+    assert failed.state == runs.FAILED and failed.failed_in == runs.DEPLOYED
+    assert f"tunedrop retry {run.run_id}" in failed.error
+    assert failed_webhook(settings)["code"] == "ServerExited"
+    kept = backend.kept_log(endpoint)
+    assert str(kept) in failed.error and kept.read_text() == "serving\nKilled\n"  # the log the error names is there
+    retried = pipeline.retry(run.run_id)
+    assert retried.state == runs.DEPLOYING and retried.retries == 1
 
 
 def deploying(pipeline, model_name: str) -> Run:
@@ -114,5 +179,26 @@ def test_a_model_server_that_dies_fails_the_run_as_server_exited(local):
     assert pipeline.sweep().failed == [run.run_id]
     failed = pipeline.store.get(run.run_id)
     assert failed.state == runs.FAILED and failed.failed_in == runs.DEPLOYING
-    assert failed.error == f"Model server exited; see {ep_dir / 'server.log'}."
+    assert failed.error == f"Model server exited; see {backend.kept_log(run.endpoint_name)}."
     assert failed_webhook(settings)["code"] == "ServerExited"
+    assert backend.kept_log(run.endpoint_name).is_file()  # the endpoint is gone, its log is not
+
+
+def test_a_deployment_never_ready_fails_as_deploy_timeout_and_its_endpoint_is_deleted(local):
+    pipeline, backend, settings = local
+    run = make_run(pipeline, runs.REGISTERED)
+    endpoint = "td-chat-0123456789"
+    ep_dir = backend.endpoints_dir / endpoint
+    ep_dir.mkdir(parents=True)
+    server = subprocess.Popen(["sleep", "120"], start_new_session=True)  # a model server that never gets ready
+    (ep_dir / "endpoint.json").write_text(json.dumps({"pid": server.pid, "port": 9, "run_id": run.run_id}))
+    pipeline.store.transition(run.run_id, runs.DEPLOYING, endpoint_name=endpoint, model_name="m", model_version="1",
+                              deploy_started_at=runs.utcnow().isoformat())
+    assert pipeline.sweep().failed == []  # still starting, within the limit
+    pipeline.settings = dataclasses.replace(settings, deploy_timeout_minutes=0)
+    assert pipeline.sweep().failed == [run.run_id]
+    failed = pipeline.store.get(run.run_id)
+    assert failed.state == runs.FAILED and "TUNEDROP_DEPLOY_TIMEOUT_MINUTES" in failed.error
+    assert failed_webhook(settings)["code"] == "deploy_timeout"
+    server.wait(timeout=15)  # nothing is left running
+    assert not ep_dir.exists()

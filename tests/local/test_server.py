@@ -102,11 +102,13 @@ def test_score_answers_with_a_string(server):
     assert request(server["port"], "/score", as_seed, key=KEY) == first
 
 
+UNAUTHORIZED = (401, {"error": "unauthorized", "code": "unauthorized"})
+
+
 def test_score_needs_the_key(server):
-    assert request(server["port"], "/score", SCORE) == (401, {"error": "unauthorized"})
-    assert request(server["port"], "/score", SCORE, key="wrong") == (401, {"error": "unauthorized"})
-    assert request(server["port"], "/v1/chat/completions", {"messages": []}, key=KEY[:-1]) == (
-        401, {"error": "unauthorized"})
+    assert request(server["port"], "/score", SCORE) == UNAUTHORIZED
+    assert request(server["port"], "/score", SCORE, key="wrong") == UNAUTHORIZED
+    assert request(server["port"], "/v1/chat/completions", {"messages": []}, key=KEY[:-1]) == UNAUTHORIZED
     assert KEY not in server["log"].read_text()
 
 
@@ -127,16 +129,48 @@ def test_score_needs_the_key(server):
 ])
 def test_bad_score_bodies_name_the_field(server, body, field):
     status, answer = request(server["port"], "/score", body, key=KEY)
-    assert status == 400 and field in answer["error"]
+    assert status == 400 and field in answer["error"] and answer["code"] == "bad_request"
     assert "Traceback" not in answer["error"]
 
 
 def test_malformed_and_oversized_bodies(server):
     status, answer = request(server["port"], "/score", raw=b"{not json", key=KEY)
-    assert status == 400 and "JSON" in answer["error"]
+    assert (status, answer["code"]) == (400, "bad_request") and "JSON" in answer["error"]
     status, answer = request(server["port"], "/score", raw=b"x" * (1_048_576 + 1), key=KEY)
-    assert status == 413
-    assert request(server["port"], "/nowhere", {}, key=KEY)[0] == 404
+    assert (status, answer["code"]) == (413, "body_too_large")
+    assert request(server["port"], "/nowhere", {}, key=KEY) == (404, {"error": "not found", "code": "unknown_route"})
+
+
+def test_a_prompt_of_a_megabyte_is_refused_at_once_and_the_server_goes_on(server):
+    """The user's report: a ~1 MB seed prompt held the server for minutes and every later request got 504."""
+    huge = {"input_data": {"input_string": [{"role": "user", "content": "tell me more " * 80_000}],
+                           "parameters": {"max_new_tokens": 50}}}
+    raw = json.dumps(huge).encode()
+    assert 1_000_000 < len(raw) <= 1_048_576
+    started = time.monotonic()
+    status, answer = request(server["port"], "/score", raw=raw, key=KEY)
+    assert time.monotonic() - started < 2
+    assert (status, answer["code"]) == (400, "prompt_too_long")
+    assert "at least" in answer["error"] and "limit of 1998 prompt tokens" in answer["error"]
+    assert "context window of 2048 tokens less the 50 to generate" in answer["error"]
+    started = time.monotonic()
+    small = {"input_data": {"input_string": [{"role": "user", "content": "What is 2 plus 3?"}],
+                            "parameters": {"max_new_tokens": 5, "do_sample": False}}}
+    assert request(server["port"], "/score", small, key=KEY)[0] == 200
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/score", {"input_data": {"input_string": [{"role": "user", "content": "hi"}],
+                               "parameters": {"max_new_tokens": 100_000}}}, "input_data.parameters.max_new_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 513}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100_000},
+     "max_completion_tokens"),
+])
+def test_asking_for_too_many_tokens_is_refused_not_clamped(server, route, body, field):
+    status, answer = request(server["port"], route, body, key=KEY)
+    assert (status, answer["code"]) == (400, "max_tokens_too_large")
+    assert answer["error"].startswith(f"{field} is ") and "TUNEDROP_MAX_NEW_TOKENS is 512" in answer["error"]
 
 
 def test_openai_chat_completions(server):
@@ -152,7 +186,7 @@ def test_openai_chat_completions(server):
     assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 6
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     status, body = request(server["port"], "/v1/chat/completions", {"messages": [{"role": "user"}]}, key=KEY)
-    assert status == 400 and body["error"] == "messages[0].content must be a string"
+    assert status == 400 and body == {"error": "messages[0].content must be a string", "code": "bad_request"}
 
 
 def test_sigterm_stops_cleanly(server):

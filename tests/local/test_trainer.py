@@ -13,7 +13,7 @@ from shared.backends.local.steps import lr_factor
 from shared.events import RUN_COMPLETED, RUN_ID_TAG, RUN_STATUS_CHANGED, RunEvent
 from shared.split import split_examples
 from shared.training import TrainingConfig
-from tests.local.conftest import EventRecorder, conversations, run_trainer, upload, write_job
+from tests.local.conftest import EventRecorder, conversations, dataset_bytes, run_trainer, upload, write_job
 
 
 def expected_split(job):
@@ -184,3 +184,62 @@ def test_schedules():
     assert lr_factor("linear", 0, 10) == 1.0 and lr_factor("linear", 5, 10) == pytest.approx(0.5)
     assert lr_factor("cosine", 0, 10) == 1.0 and lr_factor("cosine", 5, 10) == pytest.approx(0.5)
     assert lr_factor("cosine", 9, 10) < 0.05
+
+
+# -- bounded evaluation and the dataset limits (issue 15) ------------------------------------------------------
+
+
+def test_evaluation_is_a_capped_seeded_sample_logged_as_params(storage_env, model_cache, tmp_path):
+    """A large held-out split with max_steps=2: a sample of max_eval_examples is evaluated, a few training
+    examples tokenised, and the run says so (it used to tokenise and evaluate the whole split)."""
+    from mlflow import MlflowClient
+
+    connection = storage_env["TUNEDROP_STORAGE"]
+    container = storage_env["TUNEDROP_TRAINING_CONTAINER"]
+    rows = conversations(400)
+    etag = upload(connection, container, "many.jsonl", dataset_bytes(rows))
+    job_dir = tmp_path / "job"
+    config = {"max_steps": 2, "test_fraction": 0.5, "max_seq_length": 64, "lora_r": 4, "lora_alpha": 8}
+    job = write_job(job_dir, container=container, blob="many.jsonl", etag=etag, model_cache=model_cache,
+                    events_url=None, config=config)
+    (job_dir / "job.json").write_text(json.dumps({**job, "limits": {"max_eval_examples": 5}}))
+    result = run_trainer(job_dir, connection)
+    log = (job_dir / "train.log").read_text()
+    assert result.returncode == 0, log
+    held_out = len(split_examples(rows, 0.5, 42)[1])
+    status = json.loads((job_dir / "status.json").read_text())
+    metrics = status["metrics"]
+    assert metrics["test_examples"] == held_out > 150 and metrics["eval_examples"] == 5
+    assert metrics["train_steps"] == 2
+    assert f"evaluating a seeded sample of 5 of the {held_out} held-out examples" in log
+    params = MlflowClient(job["tracking_uri"]).get_run(status["mlflow_run_id"]).data.params
+    assert (params["eval_examples"], params["eval_sampled"], params["max_eval_examples"]) == ("5", "True", "5")
+    assert params["test_examples"] == str(held_out)
+    # 2 steps of 1 example need 2; a quarter more and 8 spares are tokenised, not the ~200 of the train split
+    assert int(params["train_examples_tokenised"]) <= 10 < int(params["train_examples"])
+
+
+def test_the_job_reads_the_sample_the_azure_split_writer_writes_and_no_more_than_the_limits(storage_env, tmp_path):
+    """In process, no model: the local job's evaluated examples are eval_sample() of the held-out split, which
+    tests/test_dataset_limits.py finds in the Azure ML test file; past a dataset limit it stops reading."""
+    from shared.backends.local.trainer import Job, job_limits
+    from shared.datasets import DatasetLimitError
+    from shared.split import eval_sample
+
+    connection = storage_env["TUNEDROP_STORAGE"]
+    container = storage_env["TUNEDROP_TRAINING_CONTAINER"]
+    rows = conversations(120)
+    etag = upload(connection, container, "c.jsonl", dataset_bytes(rows))
+    job_dir = tmp_path / "job"
+    write_job(job_dir, container=container, blob="c.jsonl", etag=etag, model_cache=tmp_path, events_url=None,
+              config={"test_fraction": 0.4, "seed": 3})
+    job = Job(job_dir)
+    config = TrainingConfig().with_overrides(job.spec["config"])
+    limits = {**job_limits(job.spec), "max_eval_examples": 7}  # the settings of the environment, but for the cap
+    data = job._load_data(config, limits)
+    train, test = split_examples([r["messages"] for r in rows], 0.4, 3)
+    assert data.train == train and data.held_out == len(test) > 7
+    assert data.evaluated == eval_sample(test, 7, 3) and data.eval_sampled
+    with pytest.raises(DatasetLimitError) as caught:
+        job._load_data(config, {**limits, "max_examples": 50})
+    assert caught.value.code == "too_many_examples" and "TUNEDROP_MAX_EXAMPLES" in str(caught.value)

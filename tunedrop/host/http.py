@@ -12,6 +12,11 @@ Grid webhook does not ask for the ``eventgrid_extension`` system key (Core Tools
 a failing Event Grid delivery gets 500 without the exception message the host puts in the body;
 events of one delivery run one after the other (the host runs them in parallel). Nothing from a
 request's headers, query or body is logged, since they may carry keys.
+Malformed requests: as ASP.NET Core, a route value is percent-decoded except ``%2F`` (an encoded '/'
+stays ``%2F``, so it never splits a segment); a body over 100 MiB (the Functions host's
+``maxRequestBodySize``) gets 413 unread, a bad ``Content-Length`` or chunk size 400; a body the Event
+Grid or admin route cannot read (not JSON, nested too deep, events that do not decode) 400; each
+with a short JSON error. A fault in the host itself answers 500 and is logged, never a dropped connection.
 """
 
 from __future__ import annotations
@@ -47,6 +52,54 @@ class LocalHost(Protocol):
     def invoke_now(self, spec: FunctionSpec, value: str) -> None: ...
 
 log = logging.getLogger("tunedrop.host")
+
+#: The Functions host's default limit on a request body (http.maxRequestBodySize, 100 MiB).
+MAX_REQUEST_BODY_BYTES = 100 * 1024 * 1024
+#: Deepest JSON the host itself parses (Event Grid deliveries, the admin route); deeper is refused (400).
+MAX_JSON_DEPTH = 64
+#: Largest body the host itself parses: Event Grid delivers at most 1 MB a request.
+MAX_PARSED_BODY_BYTES = 1024 * 1024
+
+_ENCODED_SLASH = re.compile(r"(%2[Ff])")
+
+
+def unquote_route_value(value: str) -> str:
+    """Percent-decode a route value as ASP.NET Core does: everything but ``%2F``, which stays as sent."""
+    return "".join(part if _ENCODED_SLASH.fullmatch(part) else unquote(part) for part in _ENCODED_SLASH.split(value))
+
+
+class BadRequest(Exception):
+    """A request the host cannot take (framing, size, a body it parses itself); answered with ``status``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def parse_json(body: bytes, what: str):
+    """JSON the host parses itself, refused with BadRequest (400) when it is not UTF-8 JSON or nests too deep,
+    413 over MAX_PARSED_BODY_BYTES.
+
+    The depth is counted before parsing, without recursion: brackets inside strings aside (escaped
+    backslashes, then escaped quotes, dropped first), every byte but brackets dropped."""
+    if len(body) > MAX_PARSED_BODY_BYTES:
+        raise BadRequest(413, f"{what} is over {MAX_PARSED_BODY_BYTES} bytes.")
+    outside = b"".join(body.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2])
+    depth = 0
+    for byte in outside.translate(None, _NOT_BRACKETS):
+        depth += 1 if byte in b"[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(400, f"{what} nests arrays/objects more than {MAX_JSON_DEPTH} levels deep.")
+    try:
+        return json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadRequest(400, f"{what} is not UTF-8 (offset {exc.start}).") from None
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(400, f"{what} is not valid JSON: {getattr(exc, 'msg', type(exc).__name__)}.") from None
+
 
 _CONSTRAINTS = {"int": r"-?\d+", "long": r"-?\d+", "alpha": r"[A-Za-z]+", "bool": r"(?i:true|false)",
                 "guid": r"[0-9A-Fa-f]{8}-?(?:[0-9A-Fa-f]{4}-?){3}[0-9A-Fa-f]{12}"}
@@ -101,7 +154,7 @@ class Route:
         for index, name in enumerate(self.names):
             value = found.group(f"p{index}")
             if value is not None:
-                params[name] = unquote(value)
+                params[name] = unquote_route_value(value)
         return params
 
 
@@ -161,17 +214,34 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server.local_host
 
     def _read_body(self) -> bytes:
+        """The request body; BadRequest for a bad Content-Length or chunk size (400) or one too large (413)."""
+        too_large = f"Request body over {MAX_REQUEST_BODY_BYTES} bytes (the Functions host's maxRequestBodySize)."
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks = []
+            chunks, total = [], 0
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                line = self.rfile.readline(1024).split(b";")[0].strip()
+                try:
+                    size = int(line or b"0", 16)
+                except ValueError:
+                    raise BadRequest(400, "Bad chunk size in a chunked request body.") from None
+                if size < 0:
+                    raise BadRequest(400, "Bad chunk size in a chunked request body.")
                 if size == 0:
-                    while self.rfile.readline().strip():
-                        pass
+                    for _ in range(100):  # trailers, up to the blank line
+                        if not self.rfile.readline(8192).strip():
+                            break
                     return b"".join(chunks)
+                total += size
+                if total > MAX_REQUEST_BODY_BYTES:
+                    raise BadRequest(413, too_large)
                 chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.readline(1024)
+        raw = (self.headers.get("Content-Length") or "0").strip()
+        if not raw.isdigit():  # also refuses a negative length, which would read until the client gives up
+            raise BadRequest(400, "Content-Length is not a number of bytes.")
+        length = int(raw)
+        if length > MAX_REQUEST_BODY_BYTES:
+            raise BadRequest(413, too_large)
         return self.rfile.read(length) if length else b""
 
     def _send(self, status: int, body: bytes = b"", headers: list[tuple[str, str]] | None = None) -> None:
@@ -195,7 +265,24 @@ class _Handler(BaseHTTPRequestHandler):
     # -- dispatch -------------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        url = urlsplit(self.path)
+        try:
+            self._route()
+        except BadRequest as exc:
+            self._send_json(exc.status, {"error": str(exc)})
+        except OSError:  # the client went away or stalled past the socket timeout: nobody to answer
+            self.close_connection = True
+        except Exception:  # a fault of the host itself: answer, do not drop the connection
+            log.exception("The host failed to handle a request")
+            try:
+                self._send_json(500, {"error": "The host failed to handle the request; it is in the host's log."})
+            except OSError:
+                pass
+
+    def _route(self) -> None:
+        try:
+            url = urlsplit(self.path)
+        except ValueError:  # e.g. an absolute-form target with a malformed host
+            raise BadRequest(400, "The request target is not a URL path.") from None
         query = dict(reversed(parse_qsl(url.query, keep_blank_values=True)))  # the first value wins
         body = self._read_body()
         path = url.path
@@ -251,23 +338,27 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(202)
         if event_type not in ("subscriptionvalidation", "notification"):
             return self._send(400)
-        try:
-            doc = json.loads(body)
-            events = doc if isinstance(doc, list) else [doc]
-            if not events or not all(isinstance(e, dict) for e in events):
-                raise ValueError("expected a JSON array of events")
-            if event_type == "subscriptionvalidation":
-                code = events[0]["data"]["validationCode"]
-        except (ValueError, KeyError, TypeError):
-            return self._send(400)
+        doc = parse_json(body, "The Event Grid delivery")
+        events = doc if isinstance(doc, list) else [doc]
+        if not events or not all(isinstance(e, dict) for e in events):
+            raise BadRequest(400, "An Event Grid delivery is a JSON array of event objects.")
         if event_type == "subscriptionvalidation":
+            code = (events[0].get("data") or {}).get("validationCode") if isinstance(events[0].get("data"), dict) else None
+            if not isinstance(code, str):
+                raise BadRequest(400, "A subscription validation event needs data.validationCode.")
             log.info("perform handshake with eventGrid for function: %s", spec.name)
             return self._send_json(200, {"validationResponse": code})
+        decoded = []
+        for index, event in enumerate(events):  # all decoded first: a malformed event is the sender's fault
+            try:
+                decoded.append(EventGridEventInConverter.decode(Datum(json.dumps(event), "json"), trigger_metadata=None))
+            except Exception as exc:
+                raise BadRequest(400, f"Event {index} of the delivery is not an Event Grid event "
+                                      f"({type(exc).__name__}).") from None
         failed = False
-        for event in events:
+        for event in decoded:
             reason = f"EventGrid trigger fired at {datetime.now(timezone.utc).isoformat()}"
-            outcome = self.host.invoker.invoke(spec, reason, lambda event=event: EventGridEventInConverter.decode(
-                Datum(json.dumps(event), "json"), trigger_metadata=None))
+            outcome = self.host.invoker.invoke(spec, reason, lambda event=event: event)
             failed = failed or not outcome.succeeded
         self._send(500 if failed else 202)
 
@@ -282,10 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(404)
         if spec.kind == "httpTrigger":
             return self._send(400)
-        try:
-            doc = json.loads(body) if body.strip() else {}
-            value = doc.get("input") if isinstance(doc, dict) else None
-        except ValueError:
-            return self._send(400)
+        doc = parse_json(body, "The admin request") if body.strip() else {}
+        value = doc.get("input") if isinstance(doc, dict) else None
         self.host.invoke_now(spec, "" if value is None else str(value))
         self._send(202)

@@ -27,7 +27,7 @@ SDK clients, `jobs.py` steps 2-7 and `endpoints.py` steps 8-11; :class:`AzureMLB
 
 from __future__ import annotations
 
-from shared.backends.azureml.clients import ARM_SCOPE, AzureMLClients
+from shared.backends.azureml.clients import ARM_SCOPE
 from shared.backends.azureml.endpoints import STATE_PREFIX, EndpointSteps
 from shared.backends.azureml.errors import DEPLOYMENT_FIXES
 from shared.backends.azureml.jobs import MAX_METRIC_RUNS, JobSteps
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 
-class AzureMLBackend(JobSteps, EndpointSteps, AzureMLClients):
+class AzureMLBackend(JobSteps, EndpointSteps):
     """The `azureml` backend (shared/backends/base.py's protocol): the job and serving steps over the clients."""
 
     name = "azureml"

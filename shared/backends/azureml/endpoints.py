@@ -12,6 +12,7 @@ import logging
 import time
 from datetime import datetime
 
+from shared.backends.azureml.clients import AzureMLClients
 from shared.backends.azureml.errors import _deployment_fix, _error_code, _operation_url
 from shared.backends.azureml.seed import DEPLOYMENT_NAME, _text, allow_list
 from shared.backends.base import (
@@ -32,9 +33,9 @@ log = logging.getLogger("tunedrop.backends.azureml")
 STATE_PREFIX = "deployments"
 
 
-class EndpointSteps:
-    """Mixed into AzureMLBackend over AzureMLClients (``_call``, ``workspace``, ``storage``, ...); the
-    foundation model it checks the instance type against comes from the job steps (``foundation_model``)."""
+class EndpointSteps(AzureMLClients):
+    """The serving steps over the clients (``_call``, ``workspace``, ``storage``, ...); AzureMLBackend joins
+    them with the job steps, which give the foundation model the instance type is checked against."""
 
     # ---- seed step 8: register -----------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+from shared.backends.azureml.clients import AzureMLClients
 from shared.backends.azureml.seed import (
     PIPELINE_COMPONENT,
     UNSUPPORTED_FINETUNE_SIZES,
@@ -18,7 +19,7 @@ from shared.backends.azureml.split_writer import write_split
 from shared.backends.base import BackendError, JobInfo, job_name_for
 from shared.backends.gpu_sizes import gpus_per_node
 from shared.events import RUN_ID_TAG
-from shared.status import JobStatus, job_status
+from shared.status import ACTIVE, JobStatus, job_status
 from shared.training import TrainingConfig
 
 log = logging.getLogger("tunedrop.backends.azureml")
@@ -26,9 +27,9 @@ log = logging.getLogger("tunedrop.backends.azureml")
 MAX_METRIC_RUNS = 50
 
 
-class JobSteps:
-    """Mixed into AzureMLBackend over AzureMLClients (``_call``, ``workspace``, ``registry``, ...); the
-    instance-type check before a submit is the serving steps' (``check_instance_type``)."""
+class JobSteps(AzureMLClients):
+    """The job steps over the clients (``_call``, ``workspace``, ``registry``, ...); AzureMLBackend joins them
+    with the serving steps, whose instance-type check runs before a submit (``check_instance_type``)."""
 
     # ---- seed steps 2-3: foundation model and compute ---------------------------------------------
 
@@ -186,6 +187,15 @@ class JobSteps:
         if status in (JobStatus.FAILED, JobStatus.CANCELED):
             return JobInfo(job_name, status, error=self.job_error(job_name, status, getattr(job, "studio_url", "")))
         return JobInfo(job_name, status)
+
+    def cancel_job(self, job_name: str) -> None:
+        """`jobs.begin_cancel`: Azure ML answers 202 and cancels the job and its child steps; the poller
+        is not waited on. A job that has ended or is gone is left as it is."""
+        job = self._existing_job(job_name)
+        if job is None or job_status(job.status) not in ACTIVE:
+            return
+        self._call(f"cancel job {job_name}", lambda: self.workspace.jobs.begin_cancel(job_name))
+        log.info("job %s: cancel requested", job_name)
 
     @property
     def mlflow_uri(self) -> str:

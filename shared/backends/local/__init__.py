@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from shared.backends.base import (
     endpoint_name_for,
     job_name_for,
 )
+from shared.backends.local.trainer import LIMIT_SETTINGS
 from shared.events import RUN_ID_TAG
 from shared.status import JobStatus
 
@@ -136,6 +138,7 @@ class LocalBackend:
         self.state_dir = Path(settings.state_dir).resolve()
         self.jobs_dir = self.state_dir / "jobs"
         self.endpoints_dir = self.state_dir / "endpoints"
+        self.logs_dir = self.state_dir / "logs"  # a deleted endpoint's server log, kept for the run's error
 
     # ---- jobs -------------------------------------------------------------------------------
 
@@ -168,6 +171,8 @@ class LocalBackend:
                 "tracking_uri": self.settings.effective_tracking_uri,
                 "events_url": self.settings.events_url or None,
                 "workspace_id": self.settings.workspace_id,
+                # the dataset limits this app's settings set, whatever the trainer's environment says
+                "limits": {name: getattr(self.settings, name) for name in LIMIT_SETTINGS},
             }
             _write_json(job_dir / "job.json", spec)
             pid = _spawn("shared.backends.local.trainer", [str(job_dir)], job_dir / "train.log")
@@ -187,6 +192,13 @@ class LocalBackend:
             return JobInfo(job_name, JobStatus.FAILED,
                            error=f"Trainer process exited without a result; see {job_dir / 'train.log'}.")
         return JobInfo(job_name, JobStatus.RUNNING, metrics=status.get("metrics", {}))
+
+    def cancel_job(self, job_name: str) -> None:
+        """SIGTERM the trainer (it records Canceled and ends its MLflow run); SIGKILL if it lingers."""
+        pid = _read_json(self.jobs_dir / job_name / "pid.json").get("pid")
+        if _alive(pid):
+            log.info("job %s: stopping its trainer (pid %d)", job_name, pid)
+            threading.Thread(target=_terminate, args=(pid,), daemon=True).start()  # never wait on the grace period
 
     # ---- model registry (MLflow) --------------------------------------------------------------
 
@@ -256,7 +268,13 @@ class LocalBackend:
             model_uri = f"models:/{model.name}/{model.version}"
             args = ["--model-uri", model_uri, "--tracking-uri", self.settings.effective_tracking_uri,
                     "--port", str(port), "--key-file", str(key_file), "--state-file", str(ep_dir / "state.json"),
-                    "--model-cache-dir", str(Path(self.settings.model_cache_dir).expanduser().resolve())]
+                    "--model-cache-dir", str(Path(self.settings.model_cache_dir).expanduser().resolve()),
+                    # the server's limits (TUNEDROP_MAX_NEW_TOKENS ... TUNEDROP_SERVER_QUEUE)
+                    "--max-new-tokens", str(self.settings.max_new_tokens),
+                    "--max-prompt-tokens", str(self.settings.max_prompt_tokens),
+                    "--generation-timeout-s", str(self.settings.generation_timeout_s),
+                    "--concurrency", str(self.settings.server_concurrency),
+                    "--queue", str(self.settings.server_queue)]
             pid = _spawn("shared.backends.local.server", args, ep_dir / "server.log")
             _write_json(ep_dir / "endpoint.json", {"pid": pid, "port": port, "model_uri": model_uri, "run_id": run.run_id})
         log.info("endpoint %s: model server starting on port %d (pid %d)", endpoint, port, pid)
@@ -271,7 +289,7 @@ class LocalBackend:
         if state.get("state") == "failed":
             return DeploymentInfo(DEPLOY_FAILED, error=state.get("error", "model server failed"), error_code="ServerFailed")
         if not _alive(info.get("pid")):
-            return DeploymentInfo(DEPLOY_FAILED, error=f"Model server exited; see {ep_dir / 'server.log'}.",
+            return DeploymentInfo(DEPLOY_FAILED, error=f"Model server exited; see {self.kept_log(endpoint_name)}.",
                                   error_code="ServerExited")
         if state.get("state") == "ready":
             return DeploymentInfo(DEPLOY_READY)
@@ -280,10 +298,18 @@ class LocalBackend:
     def activate(self, endpoint_name: str) -> None:
         """A local endpoint has one deployment, which takes all traffic once it listens."""
 
+    def kept_log(self, endpoint_name: str) -> Path:
+        """Where an endpoint's server log stays once the endpoint is deleted (a failed run's error names it)."""
+        return self.logs_dir / f"{endpoint_name}.server.log"
+
     def delete_endpoint(self, endpoint_name: str) -> None:
         ep_dir = self.endpoints_dir / endpoint_name
         info = _read_json(ep_dir / "endpoint.json")
         _terminate(info.get("pid"))
+        if (ep_dir / "server.log").exists():
+            self.logs_dir.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                os.replace(ep_dir / "server.log", self.kept_log(endpoint_name))
         if ep_dir.exists():
             shutil.rmtree(ep_dir, ignore_errors=True)
 

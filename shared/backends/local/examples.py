@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 IGNORE_INDEX = -100
 
@@ -19,9 +19,10 @@ IGNORE_INDEX = -100
 # -- data --------------------------------------------------------------------------------------
 
 
-def parse_dataset(path: Path, format: str = "jsonl") -> list[list[dict[str, str]]]:
-    """Conversations of a validated dataset file (jsonl, jsonl.gz or parquet), parsed the way the
-    validator reads them."""
+def read_dataset(path: Path, format: str = "jsonl", **limits) -> Iterator[list[dict[str, str]]]:
+    """Conversations of a validated dataset file (jsonl, jsonl.gz or parquet), one at a time, parsed the
+    way the validator reads them; ``limits`` (:func:`shared.datasets.training_limits`) raise
+    DatasetLimitError past them."""
     from shared.datasets import iter_conversations
 
     def chunks():
@@ -29,7 +30,12 @@ def parse_dataset(path: Path, format: str = "jsonl") -> list[list[dict[str, str]
             while chunk := handle.read(1 << 20):
                 yield chunk
 
-    return list(iter_conversations(chunks(), format=format))
+    return iter_conversations(chunks(), format=format, **limits)
+
+
+def parse_dataset(path: Path, format: str = "jsonl", **limits) -> list[list[dict[str, str]]]:
+    """:func:`read_dataset` as a list."""
+    return list(read_dataset(path, format, **limits))
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:

@@ -14,6 +14,11 @@ Routes (127.0.0.1 only):
 Both POST routes need ``Authorization: Bearer <key>``; the key is read from the key file and
 never logged. The state file reports ``ready`` (with pid and port) once the model is loaded
 and the port is listening, ``failed`` (with the error) if loading fails, ``stopped`` on SIGTERM.
+
+Every error is ``{"error": "<what, and what to do>", "code": "<code>"}``, never a trace (the codes and
+their statuses: SERVER_ANSWERS in shared/failures.py). The limits, ``--max-new-tokens`` ... ``--queue``
+(the settings TUNEDROP_MAX_NEW_TOKENS ... TUNEDROP_SERVER_QUEUE), and how requests take turns:
+shared/backends/local/generation.py.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import argparse
 import hmac
 import json
 import os
+import select
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -33,12 +40,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from shared.backends.local.generation import Generator, Limits, Refused, Scheduler
 from shared.chat import ChatRequestError, conversation
 from shared.chat import messages as chat_messages
 
 MAX_BODY_BYTES = 1_048_576
-MAX_NEW_TOKENS = 512
-DEFAULT_NEW_TOKENS = 200
 MODEL_INFO_FILE = "tunedrop_model.json"
 
 
@@ -78,13 +84,14 @@ def _number(params: dict, key: str, field: str, low: float, high: float, default
     return float(value)
 
 
-def _int(params: dict, key: str, field: str, default: int) -> int:
+def _int(params: dict, key: str, field: str) -> int | None:
+    """A positive integer or None; its limit (TUNEDROP_MAX_NEW_TOKENS) is the scheduler's to check, not clamp."""
     value = params.get(key)
     if value is None:
-        return default
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BadRequest(f"{_name(field, key)} must be a positive integer")
-    return min(value, MAX_NEW_TOKENS)
+    return value
 
 
 def _sampling(params: dict, field: str, tokens_key: str, sample_by_default: bool) -> dict[str, Any]:
@@ -97,7 +104,8 @@ def _sampling(params: dict, field: str, tokens_key: str, sample_by_default: bool
         "temperature": temperature,
         "top_p": top_p,
         "do_sample": do_sample and temperature > 0,
-        "max_new_tokens": _int(params, tokens_key, field, DEFAULT_NEW_TOKENS),
+        "max_new_tokens": _int(params, tokens_key, field),
+        "tokens_field": _name(field, tokens_key),
     }
 
 
@@ -125,51 +133,13 @@ def parse_openai_request(body: Any) -> tuple[list[dict[str, str]], dict[str, Any
         raise BadRequest("stream is not supported")
     if body.get("n") not in (None, 1):
         raise BadRequest("n must be 1")
-    params = {k: body.get(k) for k in ("temperature", "top_p", "max_tokens")}
-    if params["max_tokens"] is None and body.get("max_completion_tokens") is not None:
-        params["max_tokens"] = body["max_completion_tokens"]
+    tokens_key = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
+    params = {k: body.get(k) for k in ("temperature", "top_p", tokens_key)}
     # As OpenAI: sampling at temperature 1 unless told otherwise.
-    return messages, _sampling(params, "", "max_tokens", sample_by_default=True)
+    return messages, _sampling(params, "", tokens_key, sample_by_default=True)
 
 
 # -- the model ---------------------------------------------------------------------------------
-
-
-class Generator:
-    """The merged model and its tokenizer; one generation at a time."""
-
-    def __init__(self, model, tokenizer, name: str):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.name = name
-        self.lock = threading.Lock()
-
-    def generate(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        tok = self.tokenizer
-        inputs = tok.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        prompt_len = inputs["input_ids"].shape[1]
-        kwargs: dict[str, Any] = {"max_new_tokens": sampling["max_new_tokens"]}
-        if sampling["do_sample"]:
-            kwargs |= {"do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"]}
-        else:
-            kwargs |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        with self.lock, torch.inference_mode():
-            output = self.model.generate(**inputs, pad_token_id=pad, **kwargs)
-        new = output[0, prompt_len:]
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
-        stopped = len(new) > 0 and int(new[-1]) in eos_ids
-        return {
-            "text": tok.decode(new, skip_special_tokens=True).strip(),
-            "prompt_tokens": int(prompt_len),
-            "completion_tokens": int(len(new)),
-            "finish_reason": "stop" if stopped or len(new) < sampling["max_new_tokens"] else "length",
-        }
 
 
 def load_generator(model_uri: str, tracking_uri: str, cache_dir: Path) -> Generator:
@@ -216,24 +186,38 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     generator: Generator
+    scheduler: Scheduler
     key: bytes
 
     def log_message(self, format: str, *args: Any) -> None:  # no headers, so never the key
         log(f"{self.address_string()} {format % args}")
 
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
+    def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+    def _refuse(self, status: int, message: str, *, code: str) -> None:
+        self._send(status, {"error": message, "code": code})
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection while its request is being generated."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] == "/health":
             self._send(200, {"status": "ready"})
         else:
-            self._send(404, {"error": "not found"})
+            self._refuse(404, "not found", code="unknown_route")
 
     def _authorized(self) -> bool:
         header = self.headers.get("Authorization", "")
@@ -266,28 +250,29 @@ class Handler(BaseHTTPRequestHandler):
         length = self._content_length()
         if length is None:
             self.close_connection = True
-            self._send(411, {"error": "a Content-Length header is required"})
+            self._refuse(411, "a Content-Length header is required", code="length_required")
             return None
         if length > MAX_BODY_BYTES:
             self._discard_body(length)
-            self._send(413, {"error": f"body is larger than {MAX_BODY_BYTES} bytes"})
+            self._refuse(413, f"body is larger than {MAX_BODY_BYTES} bytes", code="body_too_large")
             return None
         raw = self.rfile.read(length)
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
-            self._send(400, {"error": "body is not valid JSON"})
+            self._refuse(400, "body is not valid JSON", code="bad_request")
             return None
 
     def do_POST(self) -> None:
+        arrived = time.monotonic()
         route = self.path.split("?", 1)[0]
         if route not in ("/score", "/v1/chat/completions"):
             self._discard_body(self._content_length())
-            self._send(404, {"error": "not found"})
+            self._refuse(404, "not found", code="unknown_route")
             return
         if not self._authorized():
             self._discard_body(self._content_length())
-            self._send(401, {"error": "unauthorized"})
+            self._refuse(401, "unauthorized", code="unauthorized")
             return
         body = self._read_body()
         if body is None:
@@ -298,13 +283,19 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 messages, sampling = parse_openai_request(body)
         except ChatRequestError as exc:
-            self._send(400, {"error": str(exc)})
+            self._refuse(400, str(exc), code="bad_request")
             return
         try:
-            result = self.generator.generate(messages, sampling)
+            result = self.scheduler.serve(messages, sampling, gone=self._client_gone, arrived=arrived)
+        except Refused as refused:
+            if refused.code == "client_gone":  # nobody to answer
+                self.close_connection = True
+                return
+            self._send(refused.status, refused.body(), refused.headers)
+            return
         except Exception as exc:  # never a stack trace in a response
             log(f"generation failed: {type(exc).__name__}: {exc}")
-            self._send(500, {"error": "generation failed"})
+            self._refuse(500, "generation failed", code="generation_failed")
             return
         if route == "/score":
             self._send(200, {"output": result["text"]})
@@ -332,6 +323,16 @@ class Handler(BaseHTTPRequestHandler):
         )
 
 
+def make_server(generator: Generator, key: bytes, limits: Limits, port: int = 0) -> _Server:
+    """The HTTP server on 127.0.0.1:``port`` (0: any free port) for ``generator``, not yet serving."""
+    scheduler = Scheduler(generator, limits)
+    handler = type("BoundHandler", (Handler,), {"generator": generator, "scheduler": scheduler, "key": key})
+    server = _Server(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    server.scheduler = scheduler
+    return server
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.backends.local.server", description=__doc__.split("\n")[0])
     parser.add_argument("--model-uri", required=True, help="models:/<name>/<version> or runs:/<id>/model")
@@ -340,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-file", type=Path, required=True, help="file holding the bearer key")
     parser.add_argument("--state-file", type=Path, required=True, help="JSON state written here")
     parser.add_argument("--model-cache-dir", type=Path, default=None, help="base model cache (TUNEDROP_MODEL_CACHE)")
+    Limits.add_arguments(parser)
     args = parser.parse_args(argv)
     state_file: Path = args.state_file
     cache_dir = args.model_cache_dir or Path(
@@ -361,10 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         key = args.key_file.read_text().strip().encode()
         if not key:
             raise ValueError(f"key file {args.key_file} is empty")
+        limits = Limits.from_arguments(args)
         generator = load_generator(args.model_uri, args.tracking_uri, cache_dir)
-        handler = type("BoundHandler", (Handler,), {"generator": generator, "key": key})
-        server = _Server(("127.0.0.1", args.port), handler)
-        server.daemon_threads = True
+        server = make_server(generator, key, limits, args.port)
         serving.set()
     except _Stopped:
         write_state(state_file, {"state": "stopped", "pid": pid, "model_uri": args.model_uri})
@@ -379,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
     thread.start()
     write_state(state_file, {"state": "ready", "pid": pid, "port": args.port, "model_uri": args.model_uri})
-    log(f"serving {args.model_uri} on 127.0.0.1:{args.port}")
+    log(f"serving {args.model_uri} on 127.0.0.1:{args.port}: context window {generator.context_window} tokens, "
+        f"{limits}")
     while not stop.wait(1.0):
         pass
     log("stopping")

@@ -1,0 +1,259 @@
+"""The model server's limits (issue 15): no prompt, length, slow generation, gone client or crowd of
+requests can wedge it. In this process, on tiny-random (weights re-drawn so that greedy decoding says
+something other than one token over and over), made slow where a test needs a long generation by a
+hook that sleeps in each forward pass; the HTTP server is the real one (make_server) on a free port."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import fields
+from types import SimpleNamespace
+
+import pytest
+
+from shared.backends.local.generation import PREFILL_CHUNK_TOKENS, Limits, Refused, Scheduler
+from shared.backends.local.server import Generator, make_server
+
+KEY = "limits-key"
+
+
+@pytest.fixture(scope="module")
+def generator(model_cache):
+    import torch
+
+    from shared.backends.local.models import TINY_RANDOM, load_for_inference, resolve_base_model
+
+    model, tokenizer = load_for_inference(resolve_base_model(TINY_RANDOM, model_cache))
+    draw = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() > 1:
+                weight.copy_(torch.randn(weight.shape, generator=draw) * 0.2)
+    return Generator(model, tokenizer, "tiny")
+
+
+class Slow:
+    """Sleeps ``seconds`` in every forward pass of the model and counts them."""
+
+    def __init__(self, model, seconds: float):
+        self.seconds, self.forwards = seconds, 0
+        self._hook = model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.forwards += 1
+        time.sleep(self.seconds)
+
+    def remove(self):
+        self._hook.remove()
+
+
+@contextlib.contextmanager
+def serving(generator, limits: Limits, slow_s: float = 0.0):
+    server = make_server(generator, KEY.encode(), limits)
+    slow = Slow(generator.model, slow_s)  # after the scheduler's hook: the sleep is inside a turn, as compute is
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield SimpleNamespace(port=server.server_address[1], scheduler=server.scheduler, slow=slow)
+    finally:
+        slow.remove()
+        server.shutdown()
+        server.server_close()
+        server.scheduler.close()
+
+
+def seed(text: str, **parameters) -> dict:
+    return {"input_data": {"input_string": [{"role": "user", "content": text}], "parameters": parameters}}
+
+
+def post(port, body, path="/score", timeout=30):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), dict(error.headers)
+
+
+def open_request(port, body) -> socket.socket:
+    """A request sent on a raw socket, left waiting for its answer (close the socket to hang up)."""
+    raw = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(f"POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json"
+                 f"\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw)
+    return sock
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} within {timeout_s} s"
+        time.sleep(0.01)
+
+
+def test_greedy_output_is_model_generates_even_when_requests_take_turns(generator, monkeypatch):
+    import torch
+
+    prompts = ["What is 2 plus 3?", "Tell me a story about a dragon.",
+               "Count the words: " + "one two three four five " * (PREFILL_CHUNK_TOKENS // 4)]  # chunked prefill
+    expected = []
+    for text in prompts:
+        inputs = generator.encode([{"role": "user", "content": text}])
+        assert (inputs["input_ids"].shape[1] > PREFILL_CHUNK_TOKENS) == (text is prompts[-1])
+        with torch.inference_mode():
+            output = generator.model.generate(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=2)
+        expected.append(output[0, inputs["input_ids"].shape[1]:].tolist())
+    assert len({tuple(e) for e in expected}) == 3 and all(len(set(e)) > 5 for e in expected)  # not degenerate
+    monkeypatch.setattr(generator, "answer", lambda output, prompt_len, n: output[0, prompt_len:].tolist())
+    scheduler = Scheduler(generator, Limits(concurrency=3))
+    try:
+        got = [None] * 3
+
+        def ask(i):
+            got[i] = scheduler.serve([{"role": "user", "content": prompts[i]}],
+                                     {"max_new_tokens": 24, "do_sample": False, "temperature": 0})
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        scheduler.close()
+    assert got == expected
+
+
+def test_a_short_request_is_answered_while_a_long_one_runs(generator):
+    with serving(generator, Limits(concurrency=2), slow_s=0.005) as server:
+        long = open_request(server.port, seed("Write a long story.", max_new_tokens=400))  # >= 2 s of forwards
+        wait_for(lambda: server.slow.forwards > 5, 10, "started")
+        started = time.monotonic()
+        status, body, _ = post(server.port, seed("2+2?", max_new_tokens=3))
+        short_s = time.monotonic() - started
+        assert status == 200 and set(body) == {"output"}
+        assert server.scheduler.stats()["running"] == 1  # the long one is still generating
+        assert short_s < 1.0, f"the short request waited {short_s:.2f} s behind the long one"
+        long.close()  # hang up: the long generation stops (next test)
+        wait_for(lambda: server.scheduler.stats()["admitted"] == 0, 5, "stopped")
+
+
+def test_a_client_that_hangs_up_stops_its_generation(generator):
+    with serving(generator, Limits(), slow_s=0.005) as server:
+        sock = open_request(server.port, seed("Write a long story.", max_new_tokens=500))
+        wait_for(lambda: server.slow.forwards > 10, 10, "started")
+        sock.close()
+        wait_for(lambda: server.scheduler.stats()["running"] == 0, 2, "stopped after the client hung up")
+        stopped_at = server.slow.forwards
+        time.sleep(0.2)
+        assert server.slow.forwards == stopped_at < 300  # stopped, not left running in a thread
+
+
+def test_a_generation_past_its_time_is_stopped_with_504(generator):
+    with serving(generator, Limits(generation_timeout_s=0.5), slow_s=0.005) as server:
+        started = time.monotonic()
+        status, body, _ = post(server.port, seed("Write a long story.", max_new_tokens=500))
+        took = time.monotonic() - started
+        assert status == 504 and body["code"] == "generation_timeout"
+        assert "TUNEDROP_GENERATION_TIMEOUT_S" in body["error"] and "0.5 s" in body["error"]
+        assert 0.5 <= took < 2.0
+        stopped_at = server.slow.forwards
+        time.sleep(0.2)
+        assert server.slow.forwards == stopped_at and server.scheduler.stats() == {"admitted": 0, "running": 0,
+                                                                                     "waiting": 0}
+        assert post(server.port, seed("2+2?", max_new_tokens=2))[0] == 200  # and the next one is served
+
+
+def test_a_full_queue_answers_429_with_retry_after(generator):
+    with serving(generator, Limits(concurrency=1, queue=1), slow_s=0.005) as server:
+        held = [open_request(server.port, seed("Write a long story.", max_new_tokens=400)) for _ in range(2)]
+        wait_for(lambda: server.scheduler.stats() == {"admitted": 2, "running": 1, "waiting": 1}, 10, "both admitted")
+        status, body, headers = post(server.port, seed("2+2?", max_new_tokens=2))
+        assert status == 429 and body["code"] == "server_busy" and int(headers["Retry-After"]) > 0
+        assert "TUNEDROP_SERVER_CONCURRENCY" in body["error"] and "TUNEDROP_SERVER_QUEUE" in body["error"]
+        for sock in held:
+            sock.close()
+        wait_for(lambda: server.scheduler.stats()["admitted"] == 0, 5, "freed")
+        assert post(server.port, seed("2+2?", max_new_tokens=2))[0] == 200
+
+
+def test_prompts_are_held_to_the_context_window_and_the_setting(generator, monkeypatch):
+    scheduler = Scheduler(generator, Limits(max_prompt_tokens=60, concurrency=1))
+    try:
+        def refused(text, max_new_tokens=None):
+            messages = [{"role": "user", "content": text}]
+            with pytest.raises(Refused) as caught:
+                scheduler.encode(messages, scheduler.check_length(messages, {"max_new_tokens": max_new_tokens}))
+            return caught.value
+
+        ok = [{"role": "user", "content": "What is 2 plus 3?"}]
+        assert scheduler.encode(ok, scheduler.check_length(ok, {"max_new_tokens": None}))["input_ids"].shape[1] <= 60
+        too_long = refused("word " * 40)
+        tokens = generator.encode([{"role": "user", "content": "word " * 40}])["input_ids"].shape[1]
+        assert (too_long.status, too_long.code) == (400, "prompt_too_long")
+        assert f"prompt is {tokens} tokens" in str(too_long) and "limit of 60" in str(too_long)
+        assert "TUNEDROP_MAX_PROMPT_TOKENS is 60" in str(too_long)
+    finally:
+        scheduler.close()
+    # The context window (2048 for tiny-random) less the generation asked for.
+    scheduler = Scheduler(generator, Limits(concurrency=1))
+    try:
+        text = "word " * 1600
+        assert scheduler.encode([{"role": "user", "content": text}], 100) is not None
+        refusal = refused(text, 512)
+        assert refusal.code == "prompt_too_long" and "limit of 1536" in str(refusal)
+        assert "context window of 2048 tokens less the 512" in str(refusal)
+        # A prompt of 1 MB is refused on its length in characters, without being tokenised.
+        monkeypatch.setattr(generator, "encode", lambda messages: pytest.fail("tokenised"))
+        started = time.perf_counter()
+        refusal = refused("x" * 1_000_000)
+        assert time.perf_counter() - started < 0.1
+        assert refusal.code == "prompt_too_long" and "at least" in str(refusal) and "limit of 1848" in str(refusal)
+    finally:
+        scheduler.close()
+
+
+@pytest.mark.parametrize("sampling, field", [
+    ({"max_new_tokens": 100_000, "tokens_field": "input_data.parameters.max_new_tokens"},
+     "input_data.parameters.max_new_tokens is 100000"),
+    ({"max_new_tokens": 513, "tokens_field": "max_tokens"}, "max_tokens is 513"),
+])
+def test_a_generation_over_the_limit_is_refused_not_clamped(generator, sampling, field):
+    scheduler = Scheduler(generator, Limits(concurrency=1))
+    try:
+        assert scheduler.new_tokens({"max_new_tokens": 512}) == 512 and scheduler.new_tokens({}) == 200
+        with pytest.raises(Refused) as caught:
+            scheduler.new_tokens(sampling)
+        assert caught.value.status == 400 and caught.value.code == "max_tokens_too_large"
+        assert field in str(caught.value) and "TUNEDROP_MAX_NEW_TOKENS is 512" in str(caught.value)
+    finally:
+        scheduler.close()
+
+
+def test_the_backend_starts_servers_with_the_settings_limits(tmp_path, monkeypatch):
+    import shared.backends.local as local
+    from shared.backends.base import ModelRef
+    from shared.settings import Settings
+
+    settings = Settings(state_dir=tmp_path, max_new_tokens=64, max_prompt_tokens=1000, generation_timeout_s=5.0,
+                        server_concurrency=2, server_queue=3)
+    spawned = []
+    monkeypatch.setattr(local, "_spawn", lambda module, args, log: spawned.append(args) or 999_999_999)
+    local.LocalBackend(settings).begin_deploy(SimpleNamespace(run_id="run-1"), ModelRef("m", "1"))
+    args = spawned[0]
+    given = {args[i]: args[i + 1] for i in range(0, len(args), 2)}
+    assert {k: given[k] for k in ("--max-new-tokens", "--max-prompt-tokens", "--generation-timeout-s",
+                                  "--concurrency", "--queue")} == {
+        "--max-new-tokens": "64", "--max-prompt-tokens": "1000", "--generation-timeout-s": "5.0",
+        "--concurrency": "2", "--queue": "3"}
+    # The server's own defaults are the settings' defaults.
+    defaults = {f.name: f.default for f in fields(Settings)}
+    assert Limits() == Limits(max_new_tokens=defaults["max_new_tokens"], max_prompt_tokens=defaults["max_prompt_tokens"],
+                              generation_timeout_s=defaults["generation_timeout_s"],
+                              concurrency=defaults["server_concurrency"], queue=defaults["server_queue"])
+    assert defaults["generation_timeout_s"] < defaults["score_timeout_s"]
