@@ -1,5 +1,6 @@
 """End to end: the phases `tunedrop demo` reports (validate, train, register, deploy, first answer,
-teardown) on SmolLM2-135M-Instruct, as a user sees them.
+teardown, and wake -> first answer: a sleeping run's first 200 beside the first deploy) on
+SmolLM2-135M-Instruct, as a user sees them.
 
     .venv/bin/python bench/demo.py
 """
@@ -24,7 +25,8 @@ def main() -> None:
         print("\n".join(lines[-20:]))
         sys.exit(done.returncode)
     start = next(i for i, line in enumerate(lines) if line.startswith("Phase"))
-    print("\n".join(lines[start:start + 9]).rstrip())
+    end = next(i for i in range(start, len(lines)) if lines[i].strip().startswith("total"))
+    print("\n".join(lines[start:end + 1]).rstrip())
     print(next(line for line in lines if "Fine-tuned model answers" in line).split("] ", 1)[1])
 
 

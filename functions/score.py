@@ -7,12 +7,14 @@ unforeseen 500 with a JSON error (logged), never an empty body.
 """
 
 import functools
+import hashlib
 import json
 import logging
 
 import azure.functions as func
 
-from shared.pipeline import RetryError, get_pipeline
+from shared.coerce import to_bool
+from shared.pipeline import CancelError, LifecycleError, RetryError, get_pipeline
 from shared.scoring import OPENAI_FORMAT, SEED_FORMAT, ScoreRequestError, check_run_id, get_scorer
 
 bp = func.Blueprint()
@@ -30,6 +32,7 @@ def _answers_json(handler):
     def wrapper(req: func.HttpRequest) -> func.HttpResponse:
         from azure.core.exceptions import AzureError
 
+        from shared.backends.base import BackendError
         from shared.runs import RunStoreError
 
         try:
@@ -38,6 +41,10 @@ def _answers_json(handler):
             return handler(req)
         except ScoreRequestError as exc:
             return _json(exc.status, exc.body())
+        except BackendError as exc:  # the backend (Azure ML) refused or did not answer a step asked for
+            log.warning("%s: backend: %s (%s)", handler.__name__, exc, exc.code)
+            return _json(503 if exc.retryable else 502, {"error": str(exc), "code": exc.code},
+                         {"Retry-After": "30"} if exc.retryable else {})
         except (AzureError, RunStoreError) as exc:
             log.warning("%s: storage unavailable: %s", handler.__name__, type(exc).__name__)
             return _json(503, {"error": "The run store is unavailable; try again."}, {"Retry-After": "10"})
@@ -87,6 +94,59 @@ def retry_run(req: func.HttpRequest) -> func.HttpResponse:
     except RetryError as exc:
         return _json(409, {"error": str(exc)})
     return _json(202, run.public())
+
+
+@bp.route(route="runs/{run_id}/cancel", methods=["POST"])
+@_answers_json
+def cancel_run(req: func.HttpRequest) -> func.HttpResponse:
+    pipeline = get_pipeline()
+    run_id = req.route_params["run_id"]
+    if pipeline.store.find(run_id) is None:
+        return _json(404, {"error": f"No run {run_id}.", "field": "run_id"})
+    try:
+        run = pipeline.cancel(run_id)
+    except CancelError as exc:
+        return _json(409, {"error": str(exc)})
+    return _json(200, run.public())
+
+
+@bp.route(route="runs/{run_id}/deploy", methods=["POST"])
+@_answers_json
+def deploy_run(req: func.HttpRequest) -> func.HttpResponse:
+    return _lifecycle(req, "deploy")
+
+
+@bp.route(route="runs/{run_id}/undeploy", methods=["POST"])
+@_answers_json
+def undeploy_run(req: func.HttpRequest) -> func.HttpResponse:
+    return _lifecycle(req, "undeploy")
+
+
+def _caller(req: func.HttpRequest) -> str:
+    """Who asked, for the record: the function key's fingerprint (the Python worker sees the key, never its
+    name; the fingerprint tells keys apart without holding one)."""
+    key = req.headers.get("x-functions-key") or req.params.get("code") or ""
+    return f"key sha256:{hashlib.sha256(key.encode()).hexdigest()[:12]}" if key else "anonymous"
+
+
+def _lifecycle(req: func.HttpRequest, step: str) -> func.HttpResponse:
+    """Wake a sleeping run (202: the sweeper finishes the deployment) or put a deployed one to sleep."""
+    pipeline = get_pipeline()
+    run_id = req.route_params["run_id"]
+    if pipeline.store.find(run_id) is None:
+        return _json(404, {"error": f"No run {run_id}.", "field": "run_id"})
+    try:
+        if step == "deploy":
+            try:
+                force = to_bool(req.params.get("force") or "false")
+            except ValueError as exc:
+                return _json(400, {"error": f"force: {exc}", "field": "force"})
+            run = pipeline.deploy(run_id, force=force, by=_caller(req))
+        else:
+            run = pipeline.undeploy(run_id)
+    except LifecycleError as exc:
+        return _json(409, {"error": str(exc)})
+    return _json(202 if run.state == "deploying" else 200, run.public())
 
 
 @bp.route(route="runs", methods=["GET"])

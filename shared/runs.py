@@ -38,30 +38,36 @@ class RunState(StrEnum):
     DEPLOYED = "deployed"
     TORN_DOWN = "torn_down"
     FAILED = "failed"
+    CANCELED = "canceled"
 
 
 # The states by name, as the rest of the code reads them (runs.DEPLOYED).
 (RECEIVED, VALIDATING, REJECTED, SUBMITTED, RUNNING, SUCCEEDED, REGISTERED, DEPLOYING, DEPLOYED, TORN_DOWN,
- FAILED) = RunState
+ FAILED, CANCELED) = RunState
 
 #: The happy path, in order: a transition to a state at or before the current one is stale.
 ORDER = (RECEIVED, VALIDATING, SUBMITTED, RUNNING, SUCCEEDED, REGISTERED, DEPLOYING, DEPLOYED, TORN_DOWN)
-FINAL = (REJECTED, FAILED, TORN_DOWN)
+FINAL = (REJECTED, FAILED, TORN_DOWN, CANCELED)
+#: Where a run stopped short: ``failed_in`` says where it was; `retry` carries it on from there.
+STOPPED = (FAILED, CANCELED)
+#: What `cancel` stops: everything before the model serves (a deployed run is put to sleep, not canceled).
+CANCELABLE = (RECEIVED, VALIDATING, SUBMITTED, RUNNING, SUCCEEDED, REGISTERED, DEPLOYING)
 
 TRANSITIONS: dict[str, tuple[str, ...]] = {
-    RECEIVED: (VALIDATING, FAILED),
-    VALIDATING: (REJECTED, SUBMITTED, FAILED),
+    RECEIVED: (VALIDATING, FAILED, CANCELED),
+    VALIDATING: (REJECTED, SUBMITTED, FAILED, CANCELED),
     # A job's completion event may overtake its "running" event.
-    SUBMITTED: (RUNNING, SUCCEEDED, FAILED),
-    RUNNING: (SUCCEEDED, FAILED),
-    SUCCEEDED: (REGISTERED, FAILED),
-    REGISTERED: (DEPLOYING, FAILED),
-    DEPLOYING: (DEPLOYED, TORN_DOWN, FAILED),
+    SUBMITTED: (RUNNING, SUCCEEDED, FAILED, CANCELED),
+    RUNNING: (SUCCEEDED, FAILED, CANCELED),
+    SUCCEEDED: (REGISTERED, FAILED, CANCELED),
+    REGISTERED: (DEPLOYING, FAILED, CANCELED),
+    DEPLOYING: (DEPLOYED, TORN_DOWN, FAILED, CANCELED),
     # A deployed endpoint found dead fails visibly (and can be retried).
     DEPLOYED: (TORN_DOWN, FAILED),
     REJECTED: (),
     FAILED: (),
     TORN_DOWN: (),
+    CANCELED: (),
 }
 
 
@@ -106,7 +112,7 @@ def is_stale(current: str, target: str) -> bool:
     """True when ``target`` is where the run already is or has been (a duplicate or late event)."""
     if current == target:
         return True
-    if current in (REJECTED, FAILED):
+    if current in (REJECTED, FAILED, CANCELED):
         return True
     if current in ORDER and target in ORDER:
         return ORDER.index(target) < ORDER.index(current)
@@ -142,10 +148,12 @@ class Run:
     failed_in: str = ""
     claims: int = 0  # validation take-overs after a crashed claimer
     retries: int = 0  # user retries of a failed run; part of job names and webhook ids
+    cycle: int = 0  # deployment cycles after the first: each wake from sleep deploys under a new endpoint name
+    gate: dict = field(default_factory=dict)  # the quality gate's figures and verdict (see shared/pipeline/gate.py)
     history: list = field(default_factory=list)
     etag: str = field(default="", repr=False)
 
-    _JSON_FIELDS: ClassVar[tuple[str, ...]] = ("config", "report", "metrics", "history")
+    _JSON_FIELDS: ClassVar[tuple[str, ...]] = ("config", "report", "metrics", "gate", "history")
 
     @classmethod
     def from_entity(cls, entity) -> "Run":
@@ -280,7 +288,7 @@ class RunStore:
                 raise InvalidTransition(run_id, run.state, target)
             for key, value in changes.items():
                 setattr(run, key, value)
-            if target == FAILED:
+            if target in STOPPED:
                 run.failed_in = run.state
             run.state = target
             run.history = [*run.history, {"state": target, "at": utcnow().isoformat()}]
@@ -327,7 +335,7 @@ class RunStore:
 
         None when the run is no longer the failed one that was read (someone else retried it).
         """
-        if run.state != FAILED:
+        if run.state not in STOPPED:
             return None
         for key, value in changes.items():
             setattr(run, key, value)
@@ -335,6 +343,24 @@ class RunStore:
         run.state = target
         run.error = ""
         run.history = [*run.history, {"state": target, "at": utcnow().isoformat(), "retry": run.retries}]
+        try:
+            return self.save(run)
+        except ConcurrentUpdate:
+            return None
+
+    def wake(self, run: Run, endpoint_name: str) -> Run | None:
+        """Start a new deployment cycle of a sleeping (torn-down) run: torn_down -> deploying, ``cycle`` + 1,
+        under ``endpoint_name``. The one move back to an earlier state besides `reopen`, made only on request
+        (a score, `deploy`); ETag-conditional, so of many requests at once exactly one wakes it. None when
+        the run is not the sleeping one that was read."""
+        if run.state != TORN_DOWN:
+            return None
+        now = utcnow().isoformat()
+        run.cycle += 1
+        run.state = DEPLOYING
+        run.endpoint_name = endpoint_name
+        run.deploy_started_at, run.deployed_at, run.last_scored_at, run.error = now, "", "", ""
+        run.history = [*run.history, {"state": DEPLOYING, "at": now, "cycle": run.cycle}]
         try:
             return self.save(run)
         except ConcurrentUpdate:

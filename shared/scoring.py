@@ -119,8 +119,20 @@ class Scorer:
         run = self.pipeline.store.find(run_id)
         if run is None:
             return ScoreResponse(404, {"error": f"No run {run_id}."})
+        if run.state == runs.TORN_DOWN:  # asleep: this request wakes it (of many at once, one wakes it)
+            try:
+                woken = self.pipeline.wake(run_id, "score")
+            except BackendError as exc:
+                return ScoreResponse(503, {"error": f"Run {run_id}: could not wake its endpoint ({exc.code}); "
+                                           "try again.", "state": runs.TORN_DOWN}, {"Retry-After": "30"})
+            if woken.state == runs.DEPLOYING:
+                return ScoreResponse(503, {"error": f"Run {run_id} was asleep (its idle endpoint was torn down); it is "
+                                           "waking: a new endpoint is deploying. Try again shortly.",
+                                           "state": "waking", "cycle": woken.cycle}, {"Retry-After": "30"})
+            run = woken
         if run.state == runs.DEPLOYING:
-            return ScoreResponse(503, {"error": f"Run {run_id}: endpoint is still deploying."}, {"Retry-After": "30"})
+            return ScoreResponse(503, {"error": f"Run {run_id}: endpoint is still deploying.", "state": run.state},
+                                 {"Retry-After": "30"})
         if run.state != runs.DEPLOYED:
             return ScoreResponse(409, {"error": f"Run {run_id} is {run.state}; only a deployed run can score.",
                                        "state": run.state})

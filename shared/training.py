@@ -20,6 +20,10 @@ def _param(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+#: The longest max_seq_length accepted: beyond any base model's context (Phi-3-mini-128k's is 131,072).
+MAX_SEQ_LENGTH = 131_072
+
+
 class TrainingConfigError(ValueError):
     """An override names an unknown parameter or gives it a value of the wrong kind. ``field``: where
     it came from ("settings", "sidecar", "metadata"), once known."""
@@ -74,6 +78,11 @@ class TrainingConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise TrainingConfigError(f"{source}: {name} must be > 0, got {getattr(self, name)}.")
+        if self.max_steps < 0:
+            raise TrainingConfigError(f"{source}: max_steps must be >= 0 (0: run all epochs), got {self.max_steps}.")
+        if self.max_seq_length > MAX_SEQ_LENGTH:
+            raise TrainingConfigError(f"{source}: max_seq_length must be at most {MAX_SEQ_LENGTH:,} (no base model "
+                                      f"tunedrop fine-tunes reads longer examples), got {self.max_seq_length:,}.")
         if not 0 < self.learning_rate < 1:
             raise TrainingConfigError(f"{source}: learning_rate must be in (0, 1), got {self.learning_rate}.")
         if not 0 <= self.test_fraction < 1:

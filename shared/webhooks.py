@@ -33,8 +33,11 @@ EVENT_TYPES = (
     "run.running",
     "run.succeeded",
     "run.failed",
+    "run.canceled",
     "model.registered",
+    "run.gated",
     "endpoint.deploying",
+    "endpoint.waking",
     "endpoint.ready",
     "endpoint.torn_down",
 )
@@ -71,9 +74,10 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def webhook_id(run_id: str, event_type: str, retry: int = 0) -> str:
-    """Stable per run, event and retry: a repeat carries the same id, a retry's events are new."""
-    key = f"{run_id}:{event_type}" + (f":{retry}" if retry else "")
+def webhook_id(run_id: str, event_type: str, retry: int = 0, cycle: int = 0) -> str:
+    """Stable per run, event, retry and deployment cycle: a repeat carries the same id, a retry's events and a
+    woken run's are new."""
+    key = f"{run_id}:{event_type}" + (f":{retry}" if retry else "") + (f":c{cycle}" if cycle else "")
     return "msg_" + hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
@@ -156,7 +160,7 @@ class Outbox:
         return self._queue
 
     def publish(self, run_id: str, event_type: str, data: dict[str, Any], *, sequence: int,
-                retry: int = 0) -> list[OutboxMessage]:
+                retry: int = 0, cycle: int = 0) -> list[OutboxMessage]:
         """Queue ``event_type`` for every receiver; returns what was queued (nothing without URLs).
 
         ``sequence`` is the run's history length at this change (see the module's note on order)."""
@@ -169,7 +173,7 @@ class Outbox:
             "timestamp": datetime.now(timezone.utc).isoformat(),
             "data": {"run_id": run_id, "sequence": sequence, **data},
         }
-        message_id = webhook_id(run_id, event_type, retry)
+        message_id = webhook_id(run_id, event_type, retry, cycle)
         queued_at = time.time()
         messages = [OutboxMessage(message_id, url, payload, queued_at=queued_at) for url in self._settings.webhook_urls]
         queue = self._queue_client()

@@ -95,6 +95,8 @@ def test_overrides_coerce_strings_from_blob_metadata():
     ({"learning_rate": 3}, "learning_rate must be in"),
     ({"lr_scheduler_type": "wobbly"}, "use cosine, linear or constant"),
     ({"apply_lora": "maybe"}, "apply_lora must be a bool"),
+    ({"max_steps": -1}, "max_steps must be >= 0"),  # it made the training estimate negative: no limit held it
+    ({"max_seq_length": 10**20}, "max_seq_length must be at most 131,072"),
 ])
 def test_bad_overrides_are_refused_by_name(overrides, message):
     with pytest.raises(TrainingConfigError, match=message):

@@ -14,8 +14,9 @@ def test_demo_runs_the_whole_loop_and_cleans_up(model_cache, tmp_path):
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
     for line in ("run is submitted", "run is succeeded", "run is registered", "run is deployed",
-                 "Fine-tuned model answers", "run is torn_down", "Demo succeeded"):
+                 "Fine-tuned model answers", "run is torn_down", "the same answer as before it slept",
+                 "wake -> first answer", "Demo succeeded"):
         assert line in out, f"{line!r} missing from:\n{out}"
-    assert "signature failures: 0" in out and "Webhooks received and verified: 8" in out
+    assert "signature failures: 0" in out and "Webhooks received and verified: 10" in out  # 8, + waking, ready
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert leftovers == []  # no trainer, model server or Azurite of the demo's left running

@@ -244,3 +244,18 @@ def test_a_job_gone_from_the_workspace_fails_the_run_as_job_notfound_at_the_next
     (webhook,) = [w for w in webhooks(settings) if w["type"] == "run.failed"]
     assert webhook["data"]["code"] == "job_notfound"
     assert pipeline.sweep().failed == []  # a failed run is not swept again
+
+
+def test_cancel_of_a_training_run_cancels_its_azure_ml_job(backend, transport, settings):
+    from shared import runs
+    from shared.pipeline import Pipeline
+
+    pipeline = Pipeline(settings, backend=backend)
+    run, _ = pipeline.store.create(stored_run(settings, job_name="tunedrop-chat-0123456789ab"))
+    for step in (runs.VALIDATING, runs.SUBMITTED, runs.RUNNING):
+        pipeline.store.transition(run.run_id, step)
+    transport.on("GET", rf"{ARM}/jobs/", job(run.job_name, "Running"))
+    cancel_job(transport, run.job_name)
+    canceled = pipeline.cancel(run.run_id)
+    assert (canceled.state, canceled.failed_in) == (runs.CANCELED, runs.RUNNING)
+    assert len(transport.calls("POST", rf"{ARM}/jobs/{run.job_name}/cancel")) == 1  # Azure ML's recorded 202

@@ -253,9 +253,22 @@ def test_score_answers_clearly_when_it_cannot_score(app_env):
     deploying = make_run(runs.DEPLOYING)
     answer = score(http("POST", "/x", {"run_id": deploying.run_id}, seed_body))
     assert answer.status_code == 503 and answer.headers["Retry-After"]
-    gone = make_run(runs.TORN_DOWN)
-    answer = score(http("POST", "/x", {"run_id": gone.run_id}, seed_body))
-    assert answer.status_code == 409 and json.loads(answer.get_body())["state"] == "torn_down"
+    asleep = make_run(runs.TORN_DOWN, endpoint_name="td-data-0000000000")
+    try:
+        answer = score(http("POST", "/x", {"run_id": asleep.run_id}, seed_body))  # wakes it
+    finally:
+        from shared.backends.local import LocalBackend
+
+        LocalBackend(Settings.from_env()).stop_all()
+    body = json.loads(answer.get_body())
+    assert answer.status_code == 503 and answer.headers["Retry-After"] and body["state"] == "waking"
+    woken = get_pipeline().store.get(asleep.run_id)
+    assert (woken.state, woken.cycle) == (runs.DEPLOYING, 1) and woken.endpoint_name != asleep.endpoint_name
+    assert [p["type"] for p in queued_webhooks(Settings.from_env())] == ["endpoint.waking"]
+    failed = make_run(runs.SUBMITTED)
+    get_pipeline().store.transition(failed.run_id, runs.FAILED)
+    answer = score(http("POST", "/x", {"run_id": failed.run_id}, seed_body))
+    assert answer.status_code == 409 and json.loads(answer.get_body())["state"] == "failed"
     bad = json.dumps({"input_data": {"input_string": [{"role": "bot", "content": "hi"}]}}).encode()
     answer = score(http("POST", "/x", {"run_id": deploying.run_id}, bad))
     assert answer.status_code == 400
@@ -368,7 +381,7 @@ def test_notify_refuses_private_receivers_in_azure_and_parks_them(app_env, monke
 
 def test_sweeper_fails_runs_whose_job_or_endpoint_vanished(app_env):
     submitted = make_run(runs.SUBMITTED)  # its job was never started on this backend
-    deploying = make_run(runs.DEPLOYING, endpoint_name="td-gone-0000000000")
+    deploying = make_run(runs.DEPLOYING, endpoint_name="td-gone-0000000000", deploy_started_at="2024-05-01T10:00:00+00:00")
     handler("sweeper")(TimerRequest(past_due=False))
     store = get_pipeline().store
     assert store.get(submitted.run_id).state == runs.FAILED
@@ -403,7 +416,7 @@ def test_retry_resubmits_a_failed_job_under_a_new_name_and_refuses_what_it_canno
         deliver_run_event(grid_event("failed", run.job_name))
         assert pipeline.store.get(run.run_id).state == runs.SUBMITTED
         again = retry(http("POST", "/x", {"run_id": run.run_id}))
-        assert again.status_code == 409 and "only a failed run" in json.loads(again.get_body())["error"]
+        assert again.status_code == 409 and "only a failed or canceled run" in json.loads(again.get_body())["error"]
         types = [p["type"] for p in queued_webhooks(Settings.from_env())]
         assert types == ["run.failed", "run.submitted"]
     finally:
@@ -411,6 +424,38 @@ def test_retry_resubmits_a_failed_job_under_a_new_name_and_refuses_what_it_canno
 
         LocalBackend(Settings.from_env()).stop_all()
     assert retry(http("POST", "/x", {"run_id": "nope"})).status_code == 404
+
+
+def test_cancel_stops_a_run_wherever_it_is_and_retry_carries_a_canceled_one_on(app_env):
+    settings = Settings.from_env()
+    pipeline = get_pipeline()
+    blob = upload(settings, "c.jsonl", good_dataset())
+    etag = blob.get_blob_properties().etag
+    run, _ = pipeline.store.create(Run(runs.run_id_for(settings.training_container, "c.jsonl", etag),
+                                       dataset_container=settings.training_container, dataset_blob="c.jsonl",
+                                       dataset_etag=etag))
+    pipeline.store.transition(run.run_id, runs.VALIDATING)  # an ingest is validating it
+    cancel, retry = handler("cancel_run"), handler("retry_run")
+    try:
+        answer = cancel(http("POST", "/x", {"run_id": run.run_id}))
+        body = json.loads(answer.get_body())
+        assert answer.status_code == 200 and (body["state"], body["failed_in"]) == ("canceled", "validating")
+        handler("ingest")(blob)  # the blob event again: the canceled run stays canceled, nothing is submitted
+        assert pipeline.store.get(run.run_id).state == runs.CANCELED
+        assert not (settings.state_dir / "jobs").exists()
+        answer = retry(http("POST", "/x", {"run_id": run.run_id}))  # validated again, then submitted
+        assert answer.status_code == 202 and json.loads(answer.get_body())["state"] == "submitted"
+        answer = cancel(http("POST", "/x", {"run_id": run.run_id}))  # now its job is stopped
+        assert answer.status_code == 200 and json.loads(answer.get_body())["failed_in"] == "submitted"
+        again = cancel(http("POST", "/x", {"run_id": run.run_id}))
+        assert again.status_code == 409 and "is canceled" in json.loads(again.get_body())["error"]
+        types = [p["type"] for p in queued_webhooks(settings)]
+        assert types.count("run.canceled") == 2 and "run.submitted" in types
+    finally:
+        from shared.backends.local import LocalBackend
+
+        LocalBackend(settings).stop_all()
+    assert cancel(http("POST", "/x", {"run_id": "nope"})).status_code == 404
 
 
 def test_retry_of_a_validation_failure_says_to_upload_again(app_env):

@@ -69,8 +69,14 @@ def app(azurite, tmp_path_factory):
         names = sorted({name for name, _, _ in ROUTES} | {"job_events"})
         host = LocalHost(function_app.app, environ={**env}, port=free_port(), root=PROJECT_ROOT, state_dir=state,
                          poll_interval_s=5, functions=names)
-        with host:
-            yield host
+        try:
+            with host:
+                yield host
+        finally:  # a fuzzed cancel, undeploy or deploy may have started or stopped a (local) model server
+            from shared.backends.local import LocalBackend
+            from shared.settings import Settings
+
+            LocalBackend(Settings.from_env()).stop_all()
         reset_default_storage()
 
 
@@ -201,7 +207,8 @@ def _target(template: str, segment: str) -> str:
 
 
 def test_the_fuzz_covers_every_http_route_of_the_app():
-    assert {name for name, _, _ in ROUTES} == {"score", "chat_completions", "run_status", "retry_run", "list_runs"}
+    assert {name for name, _, _ in ROUTES} == {"score", "chat_completions", "run_status", "retry_run", "list_runs",
+                                               "cancel_run", "deploy_run", "undeploy_run"}
 
 
 @FUZZ
@@ -295,3 +302,12 @@ def test_the_host_refuses_bad_framing_with_4xx_at_once(app, headers, body, statu
 def test_the_routes_fuzzed_exist_in_the_host(app):
     assert {route.spec.name for route in app.routes} == {name for name, _, _ in ROUTES}
     assert Path(PROJECT_ROOT, "function_app.py").exists()
+
+
+@pytest.mark.parametrize("name", ["zero\u200bwidth.jsonl", "soft\xadhyphen.jsonl", "bom\ufeff.jsonl",
+                                  "joiner\u2060.jsonl", "rtl\u202eldoc.jsonl", "tab\tname.jsonl"])
+def test_names_that_read_as_another_are_refused(name):
+    from shared.pipeline.ingest import blob_name_problem
+
+    assert blob_name_problem(name, 512)  # a zero-width space slipped through and was read as a duplicate
+    assert blob_name_problem("données-日本語-😀.jsonl", 512) is None  # non-ASCII is fine

@@ -196,6 +196,10 @@ def status(run_id: str | None, as_json: bool):
         if run.get("metrics"):
             click.echo("  metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in sorted(run["metrics"].items())))
+        if run.get("gate"):
+            from shared.pipeline.gate import describe
+
+            click.echo(f"  {describe(run['gate'])}")
         for entry in run.get("history", []):
             click.echo(f"  {entry['at']}  {entry['state']}")
         return
@@ -207,8 +211,12 @@ def status(run_id: str | None, as_json: bool):
         click.echo("No runs yet: drop a dataset with `tunedrop drop FILE`.")
     for run in runs:
         line = f"{run['run_id']:<40} {run['state']:<11} {_shown(run['dataset_blob'])}"
-        if run["state"] in ("rejected", "failed") and run.get("error"):
+        if run["state"] in ("rejected", "failed", "canceled") and run.get("error"):
             line += f"  ({_brief(run['error'])})"
+        elif run.get("gate") and not run["gate"].get("passed") and not run["gate"].get("forced_by"):
+            from shared.pipeline.gate import describe
+
+            line += f"  ({describe(run['gate'])})"
         click.echo(line)
 
 
@@ -242,10 +250,39 @@ def score(run_id: str, prompt: str, system: str | None, max_new_tokens: int, tem
 @cli.command()
 @click.argument("run_id")
 def retry(run_id: str):
-    """Carry a failed run on from the step that failed (a new job, or registration/deployment again)."""
+    """Carry a failed or canceled run on from where it stopped (a new job, registration or deployment again)."""
     client = _client()
     run = _api(lambda: client.retry(run_id))
     click.echo(f"{run['run_id']}: {run['state']} (retry {run['retries']})")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--force", is_flag=True, help="Deploy a model the quality gate held back (the override is recorded).")
+def deploy(run_id: str, force: bool):
+    """Wake a sleeping (torn-down) run, or deploy a gated one with --force; the next sweep makes it ready."""
+    client = _client()
+    run = _api(lambda: client.deploy(run_id, force))
+    click.echo(f"{run['run_id']}: {run['state']} (cycle {run.get('cycle', 0)}, endpoint {run.get('endpoint_name')})")
+
+
+@cli.command()
+@click.argument("run_id")
+def undeploy(run_id: str):
+    """Put a deployed run to sleep now: its endpoint is deleted, its model stays; a score or `deploy` wakes it."""
+    client = _client()
+    run = _api(lambda: client.undeploy(run_id))
+    click.echo(f"{run['run_id']}: {run['state']}")
+
+
+@cli.command()
+@click.argument("run_id")
+def cancel(run_id: str):
+    """Stop a run wherever it is before it serves: validation, training (the job is cancelled) or deploying
+    (the endpoint is deleted). The dataset stays; `tunedrop retry RUN_ID` carries it on later."""
+    client = _client()
+    run = _api(lambda: client.cancel(run_id))
+    click.echo(f"{run['run_id']}: {run['state']} (was {run.get('failed_in') or '?'})")
 
 
 @cli.command()

@@ -58,6 +58,15 @@ class ApiClient:
     def retry(self, run_id: str) -> dict:
         return self._call("POST", f"/api/runs/{run_id}/retry")
 
+    def cancel(self, run_id: str) -> dict:
+        return self._call("POST", f"/api/runs/{run_id}/cancel")
+
+    def deploy(self, run_id: str, force: bool = False) -> dict:
+        return self._call("POST", f"/api/runs/{run_id}/deploy" + ("?force=true" if force else ""))
+
+    def undeploy(self, run_id: str) -> dict:
+        return self._call("POST", f"/api/runs/{run_id}/undeploy")
+
     def score(self, run_id: str, messages: list[dict], **parameters) -> dict:
         body = {"input_data": {"input_string": messages, "parameters": parameters}, "params": {}}
         return self._call("POST", f"/api/runs/{run_id}/score", json=body)

@@ -105,11 +105,12 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
              verbose: bool = False, state_dir: Path | None = None) -> int:
 
     from shared import runs
+    from shared.pipeline.gate import describe as describe_gate
     from shared.settings import Settings
     from shared.storage import reset_default_storage
     from shared.webhooks import new_secret
     from tunedrop.azurite import Azurite, free_port
-    from tunedrop.client import ApiClient
+    from tunedrop.client import ApiClient, ApiError
     from tunedrop.host import LocalHost, load_app
     from tunedrop.local import embedded_environment
 
@@ -122,6 +123,7 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
     failed = True
     entered: dict[str, float] = {}
     answer_s = None
+    wake_s = None
     try:
         _step(clock, "Starting Azurite (Blob, Queue, Table) in memory")
         azurite = Azurite.start()
@@ -178,6 +180,10 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
                             _step(clock, f"run is {state}" + (f": {run.error}" if state in ("failed", "rejected") else ""))
                     if run.state == target:
                         return run
+                    gate = run.gate or {}
+                    if run.state == runs.REGISTERED and gate and not gate.get("passed") and not gate.get("forced_by"):
+                        _step(clock, f"{describe_gate(gate)}; the demo deploys it anyway: tunedrop deploy --force")
+                        ApiClient(f"http://127.0.0.1:{port}", key=host.function_key).deploy(run_id, force=True)
                     if run.state in (runs.FAILED, runs.REJECTED):
                         raise RuntimeError(f"run {run_id} is {run.state}: {run.error}")
                 time.sleep(0.25)
@@ -189,6 +195,7 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
             _step(clock, "Training metrics from MLflow: " + ", ".join(
                 f"{k}={metrics[k]:.4g}" for k in ("eval_loss_initial", "eval_loss", "train_tokens_per_second",
                                                    "train_runtime_s") if isinstance(metrics.get(k), (int, float))))
+        _step(clock, describe_gate(run.gate).capitalize())
         _step(clock, f"Model {run.model_name} v{run.model_version} registered; endpoint {run.endpoint_name} ready")
 
         client = ApiClient(f"http://127.0.0.1:{port}", key=host.function_key)
@@ -207,6 +214,28 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
         failed = "endpoint.torn_down" not in receiver.types()
         if failed:
             _step(clock, "the endpoint.torn_down webhook never arrived")
+        else:
+            # Asleep, not dead: the next request wakes it (503 + Retry-After while a new endpoint deploys).
+            _step(clock, "Asking the sleeping run again: the request wakes it")
+            woke = time.monotonic()
+            again = None
+            while again is None and time.monotonic() < deadline:
+                try:
+                    again = client.score(run_id, [{"role": "user", "content": prompt}], temperature=0.0,
+                                         do_sample=False, max_new_tokens=60)
+                except ApiError as exc:
+                    if exc.status != 503:
+                        raise
+                    time.sleep(1.0)  # the API says Retry-After: 30; a demo looks more often
+            if again is None:
+                raise TimeoutError(f"run {run_id} did not wake within {timeout_s:.0f} s")
+            wake_s = time.monotonic() - woke
+            same = again.get("output") == answer.get("output")
+            _step(clock, f"Woken model answers {wake_s:.1f} s after the first request: {again.get('output')!r}"
+                  + (" (the same answer as before it slept)" if same else " (NOT the answer it gave before!)"))
+            failed = not same
+            client.undeploy(run_id)
+            _step(clock, "`tunedrop undeploy`: asleep again, its model still registered")
     except Exception as exc:  # the demo's own boundary: say what broke, exit non-zero
         _step(clock, f"FAILED: {type(exc).__name__}: {exc}")
         failed = True
@@ -228,6 +257,8 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
             print(f"  {label:<22} {entered[end] - entered[start]:7.1f}")
     if answer_s is not None:
         print(f"  {'first answer':<22} {answer_s:7.1f}")
+    if wake_s is not None:
+        print(f"  {'wake -> first answer':<22} {wake_s:7.1f}")
     total = time.monotonic() - clock.start
     print(f"  {'total':<22} {total:7.1f}")
     if receiver is not None:

@@ -101,11 +101,14 @@ class Backend(Protocol):
         """URL and key to score against the endpoint."""
 
 
-def endpoint_name_for(run_id: str) -> str:
-    """Azure ML endpoint names: 3-32 chars, letters, digits and '-', starting with a letter."""
+def endpoint_name_for(run_id: str, cycle: int = 0) -> str:
+    """Azure ML endpoint names: 3-32 chars, letters, digits and '-', starting with a letter.
+
+    Each deployment cycle of a run (a wake after teardown is a new cycle) gets a name of its own, so
+    that what is left of an earlier cycle's endpoint (a deletion still under way) is never taken for it."""
     import hashlib
 
-    digest = hashlib.sha256(run_id.encode()).hexdigest()[:10]
+    digest = hashlib.sha256((run_id if not cycle else f"{run_id}:{cycle}").encode()).hexdigest()[:10]
     stem = "".join(c for c in run_id.split("-")[0] if c.isalnum())[:14] or "run"
     name = f"td-{stem}-{digest}"
     return name[:32]

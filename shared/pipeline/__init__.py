@@ -8,7 +8,8 @@ Every step is idempotent: the run store refuses stale transitions, the backend f
 earlier attempt made, and a webhook goes out only from the call that made the state change.
 
 One module a step: ``steps`` (what they share), ``ingest``, ``jobs`` (events, registration,
-deployment, retry), ``sweep``; :class:`Pipeline` is all of them over one run store.
+deployment, retry, cancel), ``sweep``, ``lifecycle`` (sleep and wake); :class:`Pipeline` is all of
+them over one run store.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from __future__ import annotations
 import threading
 
 from shared.pipeline.ingest import CLAIM_LEASE, PAIR_WAIT
-from shared.pipeline.jobs import RetryError
+from shared.pipeline.jobs import CancelError, RetryError
+from shared.pipeline.lifecycle import Lifecycle, LifecycleError
 from shared.pipeline.sweep import Sweeper, SweepResult
 from shared.settings import Settings
 
-__all__ = ["CLAIM_LEASE", "PAIR_WAIT", "Pipeline", "RetryError", "SweepResult", "get_pipeline"]
+__all__ = ["CLAIM_LEASE", "PAIR_WAIT", "CancelError", "LifecycleError", "Pipeline", "RetryError", "SweepResult",
+           "get_pipeline"]
 
 
-class Pipeline(Sweeper):
+class Pipeline(Sweeper, Lifecycle):
     """Every step of a run's workflow, over one settings, storage, run store, outbox and backend."""
 
 

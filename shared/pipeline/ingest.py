@@ -27,9 +27,11 @@ REPORT_ISSUES_KEPT = 20
 
 #: Characters a dataset's blob name may not hold: control characters (C0, DEL, C1), which log lines,
 #: HTTP headers and XML listings cannot carry as they are (Azurite fails every listing that would hold
-#: one); lone surrogates and the noncharacters U+FFFE/U+FFFF; the bidirectional controls that make a
-#: name read as another.
-_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff\u202a-\u202e\u2066-\u2069]")
+#: one); lone surrogates and the noncharacters U+FFFE/U+FFFF; the bidirectional controls and the
+#: invisible characters (zero-width spaces and joiners, word joiner, soft hyphen, BOM) that make a name
+#: read as another.
+_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\xad\ud800-\udfff\ufffe\uffff\u200b-\u200f\u202a-\u202e"
+                           "\u2060-\u2064\u2066-\u2069\ufeff]")
 #: A '.' or '..' path segment: URL clients resolve it away, so the blob cannot be read by its URL, and
 #: with a token (no signed path) the request could reach another blob.
 _DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.{1,2}(?:[/\\]|$)")
@@ -166,6 +168,8 @@ class Ingest(Steps):
                               report=_compact(report_dict), error=message, content_sha256=content.hexdigest())
         claimed = self.store.update(run_id, content_sha256=content.hexdigest(),
                                     base_model=config.base_model or self.settings.effective_base_model)
+        if claimed.state != runs.VALIDATING:  # canceled while it was validated: submit nothing
+            return claimed
         self.outbox.publish(run_id, "run.accepted", {"dataset": name, "report": report_dict, "summary": report.summary()},
                             sequence=len(claimed.history))
         try:
@@ -180,10 +184,13 @@ class Ingest(Steps):
             self.store.release(claimed, f"{type(exc).__name__}: {exc}")
             raise
         display_name = config.display_name(claimed.base_model)
-        return self._move(run_id, runs.SUBMITTED, "run.submitted",
-                          {"job_name": job_name, "display_name": display_name, "config": config.to_dict()},
-                          job_name=job_name, display_name=display_name, config=config.to_dict(),
-                          report=_compact(report_dict), error="")
+        moved = self._move(run_id, runs.SUBMITTED, "run.submitted",
+                           {"job_name": job_name, "display_name": display_name, "config": config.to_dict()},
+                           job_name=job_name, display_name=display_name, config=config.to_dict(),
+                           report=_compact(report_dict), error="")
+        if moved is None and self.store.get(run_id).state == runs.CANCELED:
+            self.backend.cancel_job(job_name)  # canceled while it was being submitted: nothing left training
+        return moved
 
     def _partner(self, container: str, half) -> tuple[Any, Any]:
         """(client, properties) of the other half of a train/test pair, or (None, None) while it is missing."""

@@ -8,6 +8,7 @@ import dataclasses
 from shared import faults, runs
 from shared.backends.base import BackendError, JobInfo, ModelRef, run_of_job
 from shared.events import RunEvent
+from shared.pipeline.gate import describe, verdict
 from shared.pipeline.steps import Steps, log
 from shared.runs import Run, utcnow
 from shared.status import ACTIVE, ENDED_BADLY, TERMINAL, JobStatus, job_status
@@ -16,6 +17,10 @@ from shared.training import TrainingConfig
 
 class RetryError(Exception):
     """The run cannot be retried; the message says why and what to do instead."""
+
+
+class CancelError(Exception):
+    """The run cannot be canceled (it has finished); the message names its state and what to do instead."""
 
 
 class JobSteps(Steps):
@@ -84,10 +89,14 @@ class JobSteps(Steps):
                                        {"model_name": model.name, "model_version": model.version},
                                        model_name=model.name, model_version=model.version)
                 elif run.state == runs.REGISTERED:
+                    if not self._gate_open(run):
+                        return self.store.get(run.run_id)
                     endpoint = self.backend.begin_deploy(run, ModelRef(run.model_name, run.model_version))
                     faults.point("after_begin_deploy")
                     moved = self._move(run.run_id, runs.DEPLOYING, "endpoint.deploying", {"endpoint_name": endpoint},
                                        endpoint_name=endpoint, deploy_started_at=utcnow().isoformat())
+                    if moved is None and self.store.get(run.run_id).state == runs.CANCELED:
+                        self.backend.delete_endpoint(endpoint)  # canceled while it was being begun
                 else:
                     return run
             except BackendError as exc:
@@ -97,11 +106,56 @@ class JobSteps(Steps):
             run = moved or self.store.get(run.run_id)
         return run
 
-    def retry(self, run_id: str) -> Run:
-        """Carry a failed run on from the step that failed: a new job, or registration/deployment again."""
+    def _gate_open(self, run: Run) -> bool:
+        """Whether the registered model may be deployed (shared/pipeline/gate.py): judged once, on the run's
+        metrics, and recorded on the run; a gated model waits for `deploy --force`."""
+        gate = run.gate or {}
+        if gate:
+            return bool(gate.get("passed") or gate.get("forced_by"))
+        gate = verdict(run, self.settings.gate_margin)
+        recorded = self.store.update(run.run_id, gate=gate)
+        if not gate["passed"]:
+            log.warning("run %s: %s", run.run_id, describe(gate))
+            self.outbox.publish(run.run_id, "run.gated", {"state": recorded.state, **gate},
+                                sequence=len(recorded.history), retry=recorded.retries, cycle=recorded.cycle)
+        return gate["passed"]
+
+    def cancel(self, run_id: str, by: str = "") -> Run:
+        """Stop a run wherever it is before it serves: the job is cancelled, a deployment's endpoint deleted,
+        a validation's result dropped. The run ends `canceled` (``failed_in`` says where); the dataset blob
+        stays, and `retry` carries it on from there. ``by``: who asked (a key's name), for the record."""
         run = self.store.get(run_id)
-        if run.state != runs.FAILED:
-            raise RetryError(f"Run {run_id} is {run.state}; only a failed run can be retried.")
+        if run.state not in runs.CANCELABLE:
+            hint = (f"put it to sleep with `tunedrop undeploy {run_id}`" if run.state == runs.DEPLOYED
+                    else "there is nothing running to stop")
+            raise CancelError(f"Run {run_id} is {run.state}: {hint}.")
+        error = "Canceled" + (f" by {by}" if by else "") + "."
+        moved = self.store.transition(run_id, runs.CANCELED, error=error)
+        if moved is None:  # it finished meanwhile
+            raise CancelError(f"Run {run_id} is {self.store.get(run_id).state}: there is nothing running to stop.")
+        self.outbox.publish(run_id, "run.canceled", {"state": moved.state, "canceled_in": moved.failed_in,
+                                                     **({"by": by} if by else {})},
+                            sequence=len(moved.history), retry=moved.retries)
+        # What the run had going where it was canceled (read after the move: nothing moves it on now).
+        if moved.failed_in in (runs.SUBMITTED, runs.RUNNING) and moved.job_name:
+            self.backend.cancel_job(moved.job_name)
+        if moved.failed_in == runs.DEPLOYING and moved.endpoint_name:
+            self.backend.delete_endpoint(moved.endpoint_name)
+        log.info("run %s: canceled in %s%s", run_id, moved.failed_in, f" by {by}" if by else "")
+        return moved
+
+    def retry(self, run_id: str) -> Run:
+        """Carry a failed or canceled run on from where it stopped: a new job, registration or deployment
+        again, or (canceled during validation) the dataset validated again."""
+        run = self.store.get(run_id)
+        if run.state not in runs.STOPPED:
+            raise RetryError(f"Run {run_id} is {run.state}; only a failed or canceled run can be retried.")
+        if run.state == runs.CANCELED and run.failed_in in (runs.RECEIVED, runs.VALIDATING):
+            reopened = self.store.reopen(run, runs.RECEIVED)
+            if reopened is None:
+                return self.store.get(run_id)
+            blob = self.storage.blob_service.get_blob_client(run.dataset_container, run.dataset_blob)
+            return self.ingest(blob) or self.store.get(run_id)
         if run.failed_in in (runs.SUBMITTED, runs.RUNNING):
             retry = run.retries + 1
             config = TrainingConfig().with_overrides(run.config, "run config")

@@ -39,7 +39,7 @@ class Steps:
         moved = self.store.transition(run_id, target, **changes)
         if moved is not None and event_type:
             self.outbox.publish(run_id, event_type, {"state": moved.state, **(data or {})},
-                                sequence=len(moved.history), retry=moved.retries)
+                                sequence=len(moved.history), retry=moved.retries, cycle=moved.cycle)
         return moved
 
     def _fail(self, run: Run, error: str, code: str = "") -> Run | None:

@@ -14,6 +14,9 @@ from shared.pipeline.steps import log
 from shared.runs import Run, utcnow
 from shared.status import JobStatus
 
+#: How long a deploying run's endpoint may not exist yet (the request that woke it is still beginning it).
+BEGIN_GRACE = timedelta(minutes=2)
+
 
 @dataclass
 class SweepResult:
@@ -83,6 +86,8 @@ class Sweeper(Ingest, JobSteps):
         timed_out = now - started > timedelta(minutes=self.settings.deploy_timeout_minutes)
         if info.state == DEPLOY_CREATING and not timed_out:
             return
+        if info.state == DEPLOY_MISSING and now - started < BEGIN_GRACE:
+            return  # a wake moves the run first, then begins the endpoint: give the one that woke it time
         if info.state == DEPLOY_CREATING:  # timed out: nothing is left costing money
             error, code = (f"Deployment not ready after {self.settings.deploy_timeout_minutes:g} minutes; its endpoint "
                            "was deleted. Raise TUNEDROP_DEPLOY_TIMEOUT_MINUTES if it needs longer, then retry."), "deploy_timeout"
@@ -112,7 +117,7 @@ class Sweeper(Ingest, JobSteps):
             return
         code = info.error_code or ("endpoint_missing" if info.state == DEPLOY_MISSING else "endpoint_failed")
         self.backend.delete_endpoint(run.endpoint_name)
-        if self._fail(run, f"Endpoint {run.endpoint_name} stopped serving: {info.error or info.state}. "
+        if self._fail(run, f"Endpoint {run.endpoint_name} stopped serving: {(info.error or info.state).rstrip('.')}. "
                            f"`tunedrop retry {run.run_id}` deploys the model again.", code):
             result.failed.append(run.run_id)
 

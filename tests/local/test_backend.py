@@ -133,7 +133,7 @@ def test_a_deployed_endpoint_whose_server_died_fails_visibly_and_can_be_retried(
     assert pipeline.sweep().failed == [run.run_id]
     failed = pipeline.store.get(run.run_id)
     assert failed.state == runs.FAILED and failed.failed_in == runs.DEPLOYED
-    assert f"tunedrop retry {run.run_id}" in failed.error
+    assert f"tunedrop retry {run.run_id}" in failed.error and ".. " not in failed.error
     assert failed_webhook(settings)["code"] == "ServerExited"
     kept = backend.kept_log(endpoint)
     assert str(kept) in failed.error and kept.read_text() == "serving\nKilled\n"  # the log the error names is there
@@ -202,3 +202,74 @@ def test_a_deployment_never_ready_fails_as_deploy_timeout_and_its_endpoint_is_de
     assert failed_webhook(settings)["code"] == "deploy_timeout"
     server.wait(timeout=15)  # nothing is left running
     assert not ep_dir.exists()
+
+
+def test_cancel_during_training_stops_the_trainer_and_a_canceled_run_can_be_retried(local):
+    from shared.pipeline import CancelError
+
+    pipeline, backend, settings = local
+    run = make_run(pipeline, runs.SUBMITTED)
+    trainer = training(backend, run)
+    canceled = pipeline.cancel(run.run_id)
+    assert canceled.state == runs.CANCELED and canceled.failed_in == runs.SUBMITTED
+    trainer.wait(timeout=15)  # SIGTERM: the trainer records Canceled and ends; nothing is left training
+    assert trainer.returncode == -signal.SIGTERM and not canceled.model_version
+    assert webhook_types(settings) == ["run.canceled"]
+    pipeline.on_run_event(job_event(settings, run, "Canceled"))  # the job's own late event changes nothing
+    assert pipeline.store.get(run.run_id).state == runs.CANCELED
+    with pytest.raises(CancelError, match="is canceled"):
+        pipeline.cancel(run.run_id)
+    retried = pipeline.retry(run.run_id)
+    assert retried.state == runs.SUBMITTED and retried.job_name == job_name_for(run.run_id, 1)
+
+
+def test_cancel_during_deployment_deletes_the_endpoint_and_a_finished_run_answers_with_its_state(local):
+    from shared.pipeline import CancelError
+
+    pipeline, backend, settings = local
+    run = make_run(pipeline, runs.REGISTERED)
+    endpoint = "td-chat-0123456789"
+    ep_dir = backend.endpoints_dir / endpoint
+    ep_dir.mkdir(parents=True)
+    server = subprocess.Popen(["sleep", "120"], start_new_session=True)  # a model server still loading
+    (ep_dir / "endpoint.json").write_text(json.dumps({"pid": server.pid, "port": 9, "run_id": run.run_id}))
+    pipeline.store.transition(run.run_id, runs.DEPLOYING, endpoint_name=endpoint, model_name="m", model_version="1")
+    canceled = pipeline.cancel(run.run_id)
+    assert canceled.state == runs.CANCELED and canceled.failed_in == runs.DEPLOYING
+    server.wait(timeout=15)
+    assert not ep_dir.exists()
+    failed = pipeline.store.transition(pipeline.store.create(Run("done-0123456789ab"))[0].run_id, runs.FAILED)
+    with pytest.raises(CancelError, match="is failed: there is nothing running to stop"):
+        pipeline.cancel(failed.run_id)
+
+
+def test_a_model_no_better_than_its_base_is_gated_and_force_deploys_it_on_record(local):
+    from shared.pipeline import LifecycleError
+
+    pipeline, backend, settings = local
+    run = make_run(pipeline, runs.REGISTERED)
+    run = pipeline.store.update(run.run_id, model_name="tunedrop-chat", model_version="1",
+                                metrics={"eval_loss_initial": 2.0, "eval_loss": 2.1})  # worse than the base model
+    held = pipeline.advance(run)
+    assert held.state == runs.REGISTERED and not held.endpoint_name and not list(backend.endpoints_dir.glob("*"))
+    assert held.gate == {"measured": True, "passed": False, "base_eval_loss": 2.0, "fine_tuned_eval_loss": 2.1,
+                         "margin": 0.0}
+    queue = default_storage().queue(settings.webhook_queue)
+    (gated,) = [p for p in (OutboxMessage.from_json(m.content).payload for m in queue.peek_messages(max_messages=32))
+                if p["type"] == "run.gated"]
+    assert (gated["data"]["base_eval_loss"], gated["data"]["fine_tuned_eval_loss"]) == (2.0, 2.1)
+    assert pipeline.sweep().advanced == [] or pipeline.store.get(run.run_id).state == runs.REGISTERED
+    with pytest.raises(LifecycleError, match="--force"):
+        pipeline.deploy(run.run_id)
+    forced = pipeline.deploy(run.run_id, force=True, by="key sha256:0123456789ab")
+    assert forced.state == runs.DEPLOYING and forced.gate["forced_by"] == "key sha256:0123456789ab"
+
+
+def test_a_model_better_than_its_base_by_the_margin_passes_the_gate(local):
+    pipeline, backend, settings = local
+    pipeline.settings = dataclasses.replace(settings, gate_margin=0.5)
+    run = make_run(pipeline, runs.REGISTERED)
+    run = pipeline.store.update(run.run_id, model_name="tunedrop-chat", model_version="1",
+                                metrics={"eval_loss_initial": 2.85, "eval_loss": 1.62})
+    deployed = pipeline.advance(run)
+    assert deployed.state == runs.DEPLOYING and deployed.gate["passed"] is True

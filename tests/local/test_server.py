@@ -201,3 +201,16 @@ def test_load_failure_is_reported(trained_run, model_cache, tmp_path):
     assert process.wait(timeout=60) == 1
     state = json.loads(state_file.read_text())
     assert state["state"] == "failed" and state["error"] and "\n" not in state["error"]
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-300, 0.0009])
+def test_a_temperature_too_small_to_sample_with_decodes_greedily(temperature):
+    """Sampling at 1e-38 overflowed the softmax (inf/nan probabilities): a 500 from the model server."""
+    from shared.backends.local.server import parse_openai_request, parse_score_request
+
+    body = {"input_data": {"input_string": [{"role": "user", "content": "hi"}],
+                           "parameters": {"temperature": temperature, "do_sample": True}}}
+    assert parse_score_request(body)[1]["do_sample"] is False
+    chat = {"messages": [{"role": "user", "content": "hi"}], "temperature": temperature}
+    assert parse_openai_request(chat)[1]["do_sample"] is False
+    assert parse_openai_request({**chat, "temperature": 0.7})[1]["do_sample"] is True

@@ -244,7 +244,7 @@ def test_the_backend_starts_servers_with_the_settings_limits(tmp_path, monkeypat
                         server_concurrency=2, server_queue=3)
     spawned = []
     monkeypatch.setattr(local, "_spawn", lambda module, args, log: spawned.append(args) or 999_999_999)
-    local.LocalBackend(settings).begin_deploy(SimpleNamespace(run_id="run-1"), ModelRef("m", "1"))
+    local.LocalBackend(settings).begin_deploy(SimpleNamespace(run_id="run-1", cycle=0), ModelRef("m", "1"))
     args = spawned[0]
     given = {args[i]: args[i + 1] for i in range(0, len(args), 2)}
     assert {k: given[k] for k in ("--max-new-tokens", "--max-prompt-tokens", "--generation-timeout-s",

@@ -222,7 +222,8 @@ def test_evaluation_is_a_capped_seeded_sample_logged_as_params(storage_env, mode
 def test_the_job_reads_the_sample_the_azure_split_writer_writes_and_no_more_than_the_limits(storage_env, tmp_path):
     """In process, no model: the local job's evaluated examples are eval_sample() of the held-out split, which
     tests/test_dataset_limits.py finds in the Azure ML test file; past a dataset limit it stops reading."""
-    from shared.backends.local.trainer import Job, job_limits
+    from shared.backends.local.job_data import job_limits, load_data
+    from shared.backends.local.trainer import Job
     from shared.datasets import DatasetLimitError
     from shared.split import eval_sample
 
@@ -236,10 +237,10 @@ def test_the_job_reads_the_sample_the_azure_split_writer_writes_and_no_more_than
     job = Job(job_dir)
     config = TrainingConfig().with_overrides(job.spec["config"])
     limits = {**job_limits(job.spec), "max_eval_examples": 7}  # the settings of the environment, but for the cap
-    data = job._load_data(config, limits)
+    data = load_data(job.spec, job.dir, config, limits)
     train, test = split_examples([r["messages"] for r in rows], 0.4, 3)
     assert data.train == train and data.held_out == len(test) > 7
     assert data.evaluated == eval_sample(test, 7, 3) and data.eval_sampled
     with pytest.raises(DatasetLimitError) as caught:
-        job._load_data(config, {**limits, "max_examples": 50})
+        load_data(job.spec, job.dir, config, {**limits, "max_examples": 50})
     assert caught.value.code == "too_many_examples" and "TUNEDROP_MAX_EXAMPLES" in str(caught.value)

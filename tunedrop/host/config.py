@@ -92,6 +92,25 @@ class HostConfig:
     message_encoding: str = "base64"
     route_prefix: str = "api"
     function_timeout_s: float | None = 30 * 60
+    #: extensions.http.maxConcurrentRequests: HTTP invocations running at once (the HTTP lane's workers).
+    #: The Functions host's default, -1, is unbounded; this host's is 32 (its trigger lane has 32 more).
+    max_concurrent_requests: int = 32
+    #: extensions.http.maxOutstandingRequests: HTTP invocations running or waiting for a worker; past it
+    #: a request is answered 429. None (or -1, the Functions host's unbounded default): twice the above.
+    max_outstanding_requests: int | None = None
+
+    @property
+    def http_workers(self) -> int:
+        """How many HTTP invocations may run at once (never more than may be outstanding)."""
+        return min(self.max_concurrent_requests, self.max_outstanding_requests or self.max_concurrent_requests)
+
+    @property
+    def http_backlog(self) -> int:
+        """How many HTTP invocations may wait for a worker beyond those running."""
+        outstanding = self.max_outstanding_requests
+        if outstanding is None:
+            return self.max_concurrent_requests
+        return max(0, outstanding - self.http_workers)
 
     @classmethod
     def load(cls, root: Path) -> "HostConfig":
@@ -110,6 +129,19 @@ class HostConfig:
         if encoding not in ("base64", "none"):
             raise HostConfigError(f"{path}: extensions.queues.messageEncoding must be base64 or none.")
         timeout = doc.get("functionTimeout", "default")
+
+        def http_limit(key: str) -> int | None:
+            value = http.get(key, -1)
+            try:
+                number = int(value)
+            except (TypeError, ValueError):
+                raise HostConfigError(f"{path}: extensions.http.{key} must be a whole number.") from None
+            if number == -1:
+                return None
+            if number < 1:
+                raise HostConfigError(f"{path}: extensions.http.{key} must be at least 1 (or -1 for the default).")
+            return number
+
         return cls(
             max_dequeue_count=int(queues.get("maxDequeueCount", default.max_dequeue_count)),
             visibility_timeout_s=parse_timespan(queues.get("visibilityTimeout", "00:00:00")) or 0.0,
@@ -117,6 +149,8 @@ class HostConfig:
             message_encoding=encoding,
             route_prefix=str(http.get("routePrefix", default.route_prefix)).strip("/"),
             function_timeout_s=default.function_timeout_s if timeout == "default" else parse_timespan(timeout),
+            max_concurrent_requests=http_limit("maxConcurrentRequests") or default.max_concurrent_requests,
+            max_outstanding_requests=http_limit("maxOutstandingRequests"),
         )
 
 

@@ -39,6 +39,14 @@ class LocalHost:
     ``visibility_timeout_s``, ``max_dequeue_count`` and ``function_timeout_s`` override it.
     ``functions`` loads only those functions (``func start --functions``). Keys live in
     ``<state_dir>/host_keys.json`` (default ``<root>/.tunedrop``).
+
+    Worker threads come in two lanes, so HTTP traffic never starves the timer, queue and blob
+    triggers: ``max_workers`` (default 32) run timer, queue, blob and admin-API invocations;
+    ``max_http_workers`` run HTTP functions and Event Grid deliveries, with ``max_http_backlog``
+    more waiting for a worker, and any further HTTP request is answered at once with 429, a JSON
+    error and ``Retry-After``. Their defaults come from host.json's ``extensions.http``:
+    ``maxConcurrentRequests`` (default 32) and ``maxOutstandingRequests`` (running plus waiting;
+    default twice maxConcurrentRequests, so a backlog of 32).
     """
 
     _UNSET = object()
@@ -47,7 +55,8 @@ class LocalHost:
                  port: int = 7071, root: Path, state_dir: Path | None = None, poll_interval_s: float = 1.0,
                  visibility_timeout_s: float | None = None, max_dequeue_count: int | None = None,
                  function_timeout_s: float | None | object = _UNSET, host_id: str | None = None,
-                 functions: Iterable[str] | None = None, max_workers: int = 32):
+                 functions: Iterable[str] | None = None, max_workers: int = 32,
+                 max_http_workers: int | None = None, max_http_backlog: int | None = None):
         self.root = Path(root).resolve()
         self.environ = dict(os.environ if environ is None else environ)
         self.config = HostConfig.load(self.root)
@@ -56,7 +65,10 @@ class LocalHost:
         self.master_key: str = keys["masterKey"]
         self.function_key: str = keys["functionKey"]
         timeout = self.config.function_timeout_s if function_timeout_s is self._UNSET else function_timeout_s
-        self.invoker = Invoker(max_workers=max_workers, timeout_s=timeout, function_directory=str(self.root))
+        self.invoker = Invoker(
+            max_workers=max_workers, timeout_s=timeout, function_directory=str(self.root),
+            max_http_workers=self.config.http_workers if max_http_workers is None else max_http_workers,
+            max_http_backlog=self.config.http_backlog if max_http_backlog is None else max_http_backlog)
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self.ctx = HostContext(

@@ -17,6 +17,15 @@ stays ``%2F``, so it never splits a segment); a body over 100 MiB (the Functions
 ``maxRequestBodySize``) gets 413 unread, a bad ``Content-Length`` or chunk size 400; a body the Event
 Grid or admin route cannot read (not JSON, nested too deep, events that do not decode) 400; each
 with a short JSON error. A fault in the host itself answers 500 and is logged, never a dropped connection.
+A request line over 65536 bytes gets 414, a header line over that or more than 100 headers 431, an
+unparsable request line 400, an unknown method 501: JSON errors too (not http.server's HTML page).
+Load: HTTP functions and Event Grid deliveries run on their own lane of workers (the host's
+``max_http_workers``, host.json ``extensions.http.maxConcurrentRequests``, default 32) with a bounded
+backlog waiting for one (``max_http_backlog``, from ``maxOutstandingRequests``, default 32 more); a
+request past that gets 429 at once with a JSON error and ``Retry-After: 5`` (seconds), so a burst of
+slow HTTP functions neither holds clients for minutes nor starves the timer, queue and blob triggers,
+which have workers of their own. Events of an Event Grid delivery refused part-way through were run
+already; Event Grid retries the whole delivery after a 429.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import azure.functions as func
 from azure.functions.eventgrid import EventGridEventInConverter
 from azure.functions.meta import Datum
 
-from tunedrop.host.invoke import FunctionSpec, Invoker
+from tunedrop.host.invoke import FunctionSpec, Invoker, Throttled
 
 
 class LocalHost(Protocol):
@@ -59,6 +68,8 @@ MAX_REQUEST_BODY_BYTES = 100 * 1024 * 1024
 MAX_JSON_DEPTH = 64
 #: Largest body the host itself parses: Event Grid delivers at most 1 MB a request.
 MAX_PARSED_BODY_BYTES = 1024 * 1024
+#: Retry-After (seconds) on a 429 for an HTTP request refused because every HTTP worker and backlog slot is taken.
+THROTTLED_RETRY_AFTER_S = 5
 
 _ENCODED_SLASH = re.compile(r"(%2[Ff])")
 
@@ -254,8 +265,41 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD" and body:
             self.wfile.write(body)
 
-    def _send_json(self, status: int, doc: Any) -> None:
-        self._send(status, json.dumps(doc).encode(), [("Content-Type", "application/json; charset=utf-8")])
+    def _send_json(self, status: int, doc: Any, headers: list[tuple[str, str]] | None = None) -> None:
+        self._send(status, json.dumps(doc).encode(), [("Content-Type", "application/json; charset=utf-8"),
+                                                       *(headers or [])])
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (414, 431, 400 for a bad request line, 501) as a JSON error, not its HTML page."""
+        short, long = self.responses.get(code, ("Error", ""))
+        self.close_connection = True
+        try:
+            self.send_response(code, message or short)
+            self.send_header("Connection", "close")
+            body = b""
+            if code >= 200 and code not in (204, 205, 304) and self.command != "HEAD":
+                text = message or short
+                detail = explain or long
+                body = json.dumps({"error": f"{text}: {detail}" if detail and detail != text else text}).encode()
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if body:
+                self.wfile.write(body)
+            if code in (414, 431):
+                self._drain()
+        except OSError:  # the client is gone
+            pass
+
+    def _drain(self, limit: int = 1024 * 1024, timeout_s: float = 0.5) -> None:
+        """Read and drop what is left of a refused request (up to ``limit`` bytes, idle ``timeout_s``), so that
+        closing with unread input does not reset the connection before the client has read the answer."""
+        self.connection.settimeout(timeout_s)
+        while limit > 0:
+            chunk = self.rfile.read1(min(65536, limit))
+            if not chunk:
+                return
+            limit -= len(chunk)
 
     def _key_ok(self, query: dict[str, str], *, admin: bool) -> bool:
         given = self.headers.get("x-functions-key") or query.get("code") or ""
@@ -269,6 +313,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._route()
         except BadRequest as exc:
             self._send_json(exc.status, {"error": str(exc)})
+        except Throttled:
+            self._send_json(429, {"error": "The host is busy: every HTTP worker is taken and the backlog waiting for "
+                                           f"one is full. Retry after {THROTTLED_RETRY_AFTER_S} s."},
+                            [("Retry-After", str(THROTTLED_RETRY_AFTER_S))])
         except OSError:  # the client went away or stalled past the socket timeout: nobody to answer
             self.close_connection = True
         except Exception:  # a fault of the host itself: answer, do not drop the connection
@@ -316,7 +364,8 @@ class _Handler(BaseHTTPRequestHandler):
             return func.HttpRequest(self.command, full_url, headers=headers, params=query,
                                     route_params=params, body=body)
 
-        outcome = self.host.invoker.invoke(route.spec, "This function was programmatically called via the host APIs.", bind)
+        outcome = self.host.invoker.invoke(route.spec, "This function was programmatically called via the host APIs.",
+                                           bind, http=True)
         if not outcome.succeeded:
             return self._send(500)
         try:
@@ -358,7 +407,7 @@ class _Handler(BaseHTTPRequestHandler):
         failed = False
         for event in decoded:
             reason = f"EventGrid trigger fired at {datetime.now(timezone.utc).isoformat()}"
-            outcome = self.host.invoker.invoke(spec, reason, lambda event=event: event)
+            outcome = self.host.invoker.invoke(spec, reason, lambda event=event: event, http=True)
             failed = failed or not outcome.succeeded
         self._send(500 if failed else 202)
 

@@ -3,6 +3,13 @@
 Indexing reads each function's own binding metadata (``get_functions()``); invoking runs the user
 function in a thread pool (``async def`` ones under ``asyncio.run``), logs the host's
 "Executing 'Functions.<name>'" / "Executed ..." lines and enforces ``functionTimeout``.
+
+Two lanes of worker threads, so that HTTP traffic can never starve the triggers the host drives
+itself: HTTP-delivered invocations (HTTP functions, Event Grid deliveries; ``http=True``) run on
+``max_http_workers`` threads with at most ``max_http_backlog`` more waiting for one, and a further
+one is refused at once with ``Throttled`` (the HTTP front answers 429 + Retry-After, as the
+Functions host does past ``extensions.http.maxOutstandingRequests``); timer, queue and blob
+invocations and the admin API's run on their own ``max_workers`` threads.
 """
 
 from __future__ import annotations
@@ -138,6 +145,10 @@ class InvocationContext(func.Context):
     retry_context = property(lambda self: _RetryContext())
 
 
+class Throttled(Exception):
+    """The HTTP lane's workers are busy and its backlog is full: the invocation was not started."""
+
+
 class FunctionTimeout(Exception):
     """The invocation ran past host.json's functionTimeout."""
 
@@ -151,22 +162,43 @@ class Outcome:
 
 
 class Invoker:
-    """Runs invocations in a thread pool, one "Executing"/"Executed" pair of log lines each."""
+    """Runs invocations in thread pools (an HTTP lane and a trigger lane), one "Executing"/"Executed" pair
+    of log lines each."""
 
-    def __init__(self, *, max_workers: int, timeout_s: float | None, function_directory: str):
+    def __init__(self, *, max_workers: int, timeout_s: float | None, function_directory: str,
+                 max_http_workers: int | None = None, max_http_backlog: int = 0):
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="function")
+        self.max_http_workers = max(1, max_http_workers or max_workers)
+        self.max_http_backlog = max(0, max_http_backlog)
+        self._http_pool = ThreadPoolExecutor(max_workers=self.max_http_workers, thread_name_prefix="http-function")
+        self._http_slots = threading.BoundedSemaphore(self.max_http_workers + self.max_http_backlog)
+        self._http_count_lock = threading.Lock()
+        self._http_outstanding = 0
         self._timeout_s = timeout_s
         self._dir = function_directory
 
-    def invoke(self, spec: FunctionSpec, reason: str, bind: Callable[[], Any]) -> Outcome:
+    @property
+    def http_outstanding(self) -> int:
+        """HTTP-lane invocations running or waiting for a worker now."""
+        return self._http_outstanding
+
+    def invoke(self, spec: FunctionSpec, reason: str, bind: Callable[[], Any], *, http: bool = False) -> Outcome:
         """Run ``spec`` with the trigger value ``bind()`` returns (binding runs in the worker thread too).
 
         Blocks the caller until the function ends or times out; never raises for the function's errors.
+        ``http=True`` runs it on the HTTP lane, and raises Throttled (nothing started, nothing logged
+        but a warning) when that lane's workers and backlog are all taken.
         """
+        if http:
+            if not self._http_slots.acquire(blocking=False):
+                log.warning("'%s' not run: all %d HTTP workers are busy and %d more invocations wait for one "
+                            "(answered 429).", spec.log_name, self.max_http_workers, self.max_http_backlog)
+                raise Throttled(spec.log_name)
+            self._count_http(+1)
         invocation_id = str(uuid.uuid4())
         started = time.monotonic()
         log.info("Executing '%s' (Reason='%s', Id=%s)", spec.log_name, reason, invocation_id)
-        outcome = self._run(spec, invocation_id, bind)
+        outcome = self._run(spec, invocation_id, bind, http)
         duration = int((time.monotonic() - started) * 1000)
         if outcome.succeeded:
             log.info("Executed '%s' (Succeeded, Id=%s, Duration=%dms)", spec.log_name, invocation_id, duration)
@@ -176,16 +208,31 @@ class Invoker:
                       exc_info=traceback)
         return outcome
 
-    def _run(self, spec: FunctionSpec, invocation_id: str, bind: Callable[[], Any]) -> Outcome:
+    def _count_http(self, delta: int) -> None:
+        with self._http_count_lock:
+            self._http_outstanding += delta
+
+    def _release_http(self, _future=None) -> None:
+        """An HTTP-lane slot is free once its function really ends (a timed-out one still holds a worker)."""
+        self._count_http(-1)
+        self._http_slots.release()
+
+    def _run(self, spec: FunctionSpec, invocation_id: str, bind: Callable[[], Any], http: bool = False) -> Outcome:
         try:
-            future = self._pool.submit(self._call, spec, invocation_id, bind)
+            future = (self._http_pool if http else self._pool).submit(self._call, spec, invocation_id, bind)
         except RuntimeError as exc:  # "cannot schedule new futures after shutdown": the host is stopping
+            if http:
+                self._release_http()
             return Outcome(invocation_id, False, error=exc)
+        if http:
+            future.add_done_callback(self._release_http)
         if not wait([future], timeout=self._timeout_s).done:
             # The host would now restart the worker process; a thread cannot be killed, so it runs on.
             log.error("Timeout value of %s exceeded by function '%s' (Id: '%s'). Initiating cancellation.",
                       format_timespan(self._timeout_s), spec.log_name, invocation_id)
             return Outcome(invocation_id, False, error=FunctionTimeout(spec.log_name))
+        if future.cancelled():  # still waiting for a worker when the host stopped
+            return Outcome(invocation_id, False, error=RuntimeError("the host stopped before the invocation started"))
         if future.exception() is not None:
             return Outcome(invocation_id, False, error=future.exception())
         return Outcome(invocation_id, True, future.result())
@@ -202,6 +249,7 @@ class Invoker:
         return result
 
     def shutdown(self) -> None:
+        self._http_pool.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

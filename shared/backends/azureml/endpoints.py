@@ -93,7 +93,7 @@ class EndpointSteps(AzureMLClients):
     def begin_deploy(self, run, model: ModelRef) -> str:
         from azure.ai.ml.entities import ManagedOnlineEndpoint
 
-        endpoint_name = endpoint_name_for(run.run_id)
+        endpoint_name = endpoint_name_for(run.run_id, run.cycle)
         self.check_instance_type(self.foundation_model(run.base_model or self.settings.effective_base_model))
         endpoint = self._get_endpoint(endpoint_name)
         if endpoint is None:

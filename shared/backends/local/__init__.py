@@ -39,7 +39,7 @@ from shared.backends.base import (
     endpoint_name_for,
     job_name_for,
 )
-from shared.backends.local.trainer import LIMIT_SETTINGS
+from shared.backends.local.job_data import LIMIT_SETTINGS
 from shared.events import RUN_ID_TAG
 from shared.status import JobStatus
 
@@ -251,7 +251,7 @@ class LocalBackend:
     # ---- endpoints ----------------------------------------------------------------------------
 
     def begin_deploy(self, run, model: ModelRef) -> str:
-        endpoint = endpoint_name_for(run.run_id)
+        endpoint = endpoint_name_for(run.run_id, run.cycle)
         ep_dir = self.endpoints_dir / endpoint
         ep_dir.mkdir(parents=True, exist_ok=True)
         with _file_lock(ep_dir / ".lock"):

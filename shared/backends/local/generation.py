@@ -263,7 +263,7 @@ class Scheduler:
         """The most prompt tokens a request of this length may send, and why."""
         room = self.generator.context_window - max_new_tokens
         why = (f"the model's context window of {self.generator.context_window} tokens less the {max_new_tokens} "
-               "to generate")
+               "to generate (TUNEDROP_MAX_PROMPT_TOKENS can only lower it)")
         if 0 < self.limits.max_prompt_tokens < room:
             return self.limits.max_prompt_tokens, f"TUNEDROP_MAX_PROMPT_TOKENS is {self.limits.max_prompt_tokens}"
         return room, why

@@ -94,6 +94,10 @@ def _int(params: dict, key: str, field: str) -> int | None:
     return value
 
 
+#: Temperatures below this decode greedily, as temperature 0 does.
+GREEDY_BELOW = 1e-3
+
+
 def _sampling(params: dict, field: str, tokens_key: str, sample_by_default: bool) -> dict[str, Any]:
     temperature = _number(params, "temperature", field, 0.0, 2.0, 1.0)
     top_p = _number(params, "top_p", field, 0.0, 1.0, 1.0, low_open=True)
@@ -103,7 +107,8 @@ def _sampling(params: dict, field: str, tokens_key: str, sample_by_default: bool
     return {
         "temperature": temperature,
         "top_p": top_p,
-        "do_sample": do_sample and temperature > 0,
+        # A temperature this close to 0 overflows the softmax (inf / nan probabilities): it is greedy anyway.
+        "do_sample": do_sample and temperature >= GREEDY_BELOW,
         "max_new_tokens": _int(params, tokens_key, field),
         "tokens_field": _name(field, tokens_key),
     }

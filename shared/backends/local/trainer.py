@@ -24,8 +24,9 @@ writer writes as the test file (shared/split.py), and logs how many of how many 
 ``test_examples``, ``eval_examples``, ``eval_sampled``, ``max_eval_examples``). With ``max_steps``
 it tokenises a seeded sample of the training examples those steps can use, not all of them.
 
-The job's pieces live beside it: examples.py (conversations to token ids and batches), steps.py
-(the step maths: schedule, loss, evaluation) and reporting.py (log, status file, events).
+The job's pieces live beside it: job_data.py (the dataset limits, the data read within them),
+examples.py (conversations to token ids and batches), steps.py (the step maths: schedule, loss,
+evaluation) and reporting.py (log, status file, events).
 """
 
 from __future__ import annotations
@@ -39,19 +40,15 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from shared.backends.local.examples import collate, encode_conversation, length_grouped_batches, read_dataset
+from shared.backends.local.examples import collate, encode_conversation, length_grouped_batches
+from shared.backends.local.job_data import Data, job_limits, load_data
 from shared.backends.local.reporting import log, now, post_event, write_json_atomic
 from shared.backends.local.steps import autocast, batch_loss_sum, evaluate, lr_factor, use_bf16
 from shared.events import RUN_ID_TAG, run_event
-from shared.split import TRAIN, SeededSample, split_stream
 from shared.training import TrainingConfig
-
-#: The settings a job keeps to (job.json "limits" overrides the environment's).
-LIMIT_SETTINGS = ("max_line_bytes", "max_dataset_bytes", "max_compression_ratio", "max_examples", "max_eval_examples")
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODEL_ARTIFACT_PATH = "model"
@@ -60,35 +57,6 @@ MODEL_INFO_FILE = "tunedrop_model.json"
 
 class JobCanceled(Exception):
     """The job received SIGTERM."""
-
-
-@dataclass
-class Data:
-    """What the job read: the training examples it will tokenise, the held-out examples it evaluates,
-    and how many there were of each."""
-
-    train: list
-    evaluated: list
-    train_examples: int  # in the train split
-    held_out: int  # in the test split (a pair's test file)
-    max_eval_examples: int
-
-    @property
-    def eval_sampled(self) -> bool:
-        return len(self.evaluated) < self.held_out
-
-
-def job_limits(spec: dict[str, Any]) -> dict[str, Any]:
-    """The settings of :data:`LIMIT_SETTINGS` this job keeps to: job.json's ``limits`` where given, else the
-    settings of the environment it was spawned with (the app's), else their defaults."""
-    from shared.settings import Settings, SettingsError
-
-    try:
-        settings = Settings.from_env()
-    except SettingsError:
-        settings = Settings()
-    given = spec.get("limits") or {}
-    return {name: given.get(name, getattr(settings, name)) for name in LIMIT_SETTINGS}
 
 
 # -- the job -----------------------------------------------------------------------------------
@@ -162,61 +130,13 @@ class Job:
     def train(self) -> dict[str, Any]:
         """Load the data, build the model, run the loop, save: the local counterpart of the pipeline job."""
         config = TrainingConfig().with_overrides(self.spec.get("config") or {}, source="job config")
-        data = self._load_data(config, job_limits(self.spec))
+        data = load_data(self.spec, self.dir, config, job_limits(self.spec))
         model, tokenizer, train_set, test_set = self._build(config, data.train, data.evaluated)
         metrics = self._loop(config, model, tokenizer, train_set, test_set, data)
         self._save(config, model, tokenizer)
         log(f"train_runtime_s {metrics['train_runtime_s']:.1f} "
             f"train_tokens_per_second {metrics['train_tokens_per_second']:.0f}")
         return metrics
-
-    def _load_data(self, config: TrainingConfig, limits: dict[str, Any]) -> Data:
-        """The conversations, streamed within the dataset limits: a pair as given, a single file split as on
-        Azure ML, the held-out examples sampled as there (shared/split.py). With ``max_steps``, only a seeded
-        sample of the training examples those steps can use is kept."""
-        from shared.datasets import detect_format
-        from shared.storage import Storage
-
-        dataset = self.spec["dataset"]
-        reading = {"max_line_bytes": limits["max_line_bytes"], "max_bytes": limits["max_dataset_bytes"],
-                   "max_ratio": limits["max_compression_ratio"], "max_examples": limits["max_examples"]}
-
-        def fetch(blob: str, etag: str | None, path: Path):
-            Storage().download_blob(dataset["container"], blob, etag, path)
-            return read_dataset(path, detect_format(blob), **reading)
-
-        needed = 0  # training examples max_steps can use (0: all)
-        if config.max_steps > 0:
-            needed = config.max_steps * config.per_device_train_batch_size * config.gradient_accumulation_steps
-            needed += needed // 4 + 8  # spares for examples with nothing to learn within max_seq_length
-        train: SeededSample = SeededSample(needed, config.seed, salt="train")
-        held_out: SeededSample = SeededSample(limits["max_eval_examples"], config.seed)
-        pair = dataset.get("test")
-        rows = fetch(dataset["blob"], dataset.get("etag"), self.dir / "dataset.data")
-        if pair:  # a train/test pair: used as given
-            for conversation in rows:
-                train.add(conversation)
-            if not train.seen:
-                raise ValueError(f"dataset {dataset['blob']} holds no chat examples")
-            for conversation in fetch(pair["blob"], pair.get("etag"), self.dir / "test.data"):
-                held_out.add(conversation)
-            if not held_out.seen:
-                raise ValueError(f"dataset {pair['blob']} holds no chat examples")
-        else:
-            for side, conversation in split_stream(rows, config.test_fraction, config.seed):
-                (train if side == TRAIN else held_out).add(conversation)
-            if not train.seen + held_out.seen:
-                raise ValueError(f"dataset {dataset['blob']} holds no chat examples")
-        data = Data(train.examples(), held_out.examples(), train.seen, held_out.seen, limits["max_eval_examples"])
-        log(f"dataset: {data.train_examples} train, {data.held_out} test "
-            + (f"({dataset['blob']}, {pair['blob']})" if pair else f"(split {config.test_fraction:g})"))
-        if data.eval_sampled:
-            log(f"evaluating a seeded sample of {len(data.evaluated)} of the {data.held_out} held-out examples "
-                f"(max_eval_examples {data.max_eval_examples})")
-        if len(data.train) < data.train_examples:
-            log(f"max_steps {config.max_steps}: tokenising a seeded sample of {len(data.train)} of the "
-                f"{data.train_examples} training examples")
-        return data
 
     def _build(self, config: TrainingConfig, train_rows: list, test_rows: list):
         """(model with LoRA adapters when asked, tokenizer, encoded train set, encoded test set)."""
