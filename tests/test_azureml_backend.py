@@ -595,3 +595,23 @@ def test_a_retried_run_takes_events_of_its_new_job_only(backend, transport, sett
     transport.on("GET", rf"{ARM}/jobs/", job(retried.job_name, "Failed"))
     assert pipeline.on_run_event(published("run-status-changed", run.job_name)) is None  # the first try's job
     assert pipeline.on_run_event(published("run-status-changed", retried.job_name)).state == runs.FAILED
+
+
+def test_a_sleeping_run_wakes_into_a_new_endpoint_of_its_own(backend, transport, settings):
+    """A torn-down run is woken (a score, `deploy`): a new cycle, under an endpoint name of its own, as Azure ML's
+    recorded endpoint creation answers; a second wake of the same cycle makes nothing more."""
+    pipeline = Pipeline(settings, backend=backend)
+    run = submitted(pipeline, settings)
+    for step in (runs.SUCCEEDED, runs.REGISTERED, runs.DEPLOYING, runs.DEPLOYED, runs.TORN_DOWN):
+        pipeline.store.transition(run.run_id, step, model_name=f"{MODEL}-ultrachat-200k", model_version="1",
+                                  endpoint_name=endpoint_name_for(run.run_id))
+    ep = endpoint_name_for(run.run_id, 1)
+    assert ep != endpoint_name_for(run.run_id) and len(ep) <= 32
+    transport.on("PUT", rf"{ARM}/onlineEndpoints/{ep}\?", recorded("online_endpoint", "PUT", 201,
+                                                                 rename={RECORDED_ENDPOINT: ep}))
+    woken = pipeline.wake(run.run_id, "score")
+    assert (woken.state, woken.cycle, woken.endpoint_name) == (runs.DEPLOYING, 1, ep)
+    ((_, url, body),) = transport.calls("PUT", r"/onlineEndpoints/")
+    assert f"/onlineEndpoints/{ep}?" in url and body["tags"]["model_version"] == "1"
+    assert pipeline.wake(run.run_id, "score").cycle == 1  # deploying already: no second endpoint
+    assert len(transport.calls("PUT", r"/onlineEndpoints/")) == 1

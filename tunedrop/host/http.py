@@ -1,5 +1,8 @@
 """The host's HTTP front: function routes, the Event Grid webhook and the admin invoke API.
 
+(A little over 400 lines: one request handler, whose every answer, malformed input's included, is
+written here so that no path can fall through to http.server's HTML or a dropped connection.)
+
 Mirrors: routes under ``/<routePrefix>/`` with ASP.NET-style templates (``{id}``, ``{id?}``,
 ``{id:int}``, ``{id=default}``, ``{*rest}``; literals case-insensitive); method filter; auth
 levels (anonymous; function: the function key or the master key, in header ``x-functions-key``
