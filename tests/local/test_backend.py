@@ -98,8 +98,9 @@ def test_a_run_that_fails_while_its_job_trains_stops_the_job(local):
     failed = pipeline.store.get(run.run_id)
     assert failed.state == runs.FAILED and "TUNEDROP_JOB_TIMEOUT_MINUTES" in failed.error
     assert failed_webhook(settings)["code"] == "job_timeout"
-    trainer.wait(timeout=15)  # SIGTERM from the backend's cancel: nothing is left training
-    assert trainer.returncode == -signal.SIGTERM
+    # Ended by the backend's cancel (SIGTERM) within seconds, not by itself (it sleeps two minutes); its exit
+    # status is not asserted: the backend's liveness check may reap it first, as it reaps its own children.
+    trainer.wait(timeout=15)
 
 
 def test_registration_of_a_job_that_did_not_complete_fails_as_job_not_completed(local):
@@ -213,7 +214,7 @@ def test_cancel_during_training_stops_the_trainer_and_a_canceled_run_can_be_retr
     canceled = pipeline.cancel(run.run_id)
     assert canceled.state == runs.CANCELED and canceled.failed_in == runs.SUBMITTED
     trainer.wait(timeout=15)  # SIGTERM: the trainer records Canceled and ends; nothing is left training
-    assert trainer.returncode == -signal.SIGTERM and not canceled.model_version
+    assert not canceled.model_version
     assert webhook_types(settings) == ["run.canceled"]
     pipeline.on_run_event(job_event(settings, run, "Canceled"))  # the job's own late event changes nothing
     assert pipeline.store.get(run.run_id).state == runs.CANCELED
