@@ -22,6 +22,8 @@ import math
 import re
 from typing import Any
 
+from shared.json_pairs import MarkedObject, marking_pairs
+
 #: Beyond this an integer is refused: JSON numbers are doubles for most readers, and int64 for the rest.
 INT_LIMIT = 2**63
 
@@ -45,22 +47,6 @@ class _Bad:
         self.why = why
 
 
-class _Pairs(dict):
-    duplicate: str | None = None
-
-
-def _pairs(pairs: list[tuple[str, Any]]) -> dict:
-    d = _Pairs(pairs)
-    if len(d) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                d.duplicate = key
-                break
-            seen.add(key)
-    return d
-
-
 def _float(text: str) -> Any:
     value = float(text)
     return value if math.isfinite(value) else _Bad(f"the number {_short(text)} overflows a double")
@@ -78,7 +64,7 @@ def _constant(name: str) -> Any:
     return _Bad(f"{name} is not JSON (write a finite number or null)")
 
 
-_decode = json.JSONDecoder(object_pairs_hook=_pairs, parse_float=_float, parse_int=_int,
+_decode = json.JSONDecoder(object_pairs_hook=marking_pairs, parse_float=_float, parse_int=_int,
                            parse_constant=_constant).decode
 
 
@@ -117,7 +103,7 @@ def _first_fault(root: Any) -> tuple[str, str] | None:
             if _SURROGATE.search(node):
                 return path, "the string holds a lone surrogate (\\ud800-\\udfff), which is not text"
         elif isinstance(node, dict):
-            if isinstance(node, _Pairs) and node.duplicate is not None:
+            if isinstance(node, MarkedObject) and node.duplicate is not None:
                 return _join(path, node.duplicate), f"the key {json.dumps(node.duplicate)} is written twice in one object"
             for key in node:
                 if _SURROGATE.search(key):

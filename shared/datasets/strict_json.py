@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from shared.datasets.report import FileFault, LineFault
+from shared.json_pairs import MarkedObject, marking_pairs
 
 
 class _DuplicateKey(Exception):
@@ -90,28 +91,10 @@ def has_duplicate_key(raw, obj) -> bool:
     return b"".join(kept.split(b'"')[::2]).count(b":") != keys
 
 
-class _Marked(dict):
-    """A dict from the diagnostic re-parse that remembers a duplicated key."""
-
-    dup: str | None = None
-
-
 _BAD_CONSTANT = object()
 
 
-def _marking_pairs(pairs):
-    d = _Marked(pairs)
-    if len(d) != len(pairs):
-        seen = set()
-        for k, _ in pairs:
-            if k in seen:
-                d.dup = k
-                break
-            seen.add(k)
-    return d
-
-
-_diagnose = json.JSONDecoder(object_pairs_hook=_marking_pairs, parse_constant=lambda _n: _BAD_CONSTANT).decode
+_diagnose = json.JSONDecoder(object_pairs_hook=marking_pairs, parse_constant=lambda _n: _BAD_CONSTANT).decode
 
 
 def _path_join(path: str, key) -> str:
@@ -132,8 +115,8 @@ def _locate(text: str, want: str) -> tuple[str | None, str | None]:
     stack: list[tuple[Any, str]] = [(root, "")]
     while stack:
         node, path = stack.pop()
-        if want == "dup" and isinstance(node, _Marked) and node.dup is not None:
-            return _path_join(path, node.dup), node.dup
+        if want == "dup" and isinstance(node, MarkedObject) and node.duplicate is not None:
+            return _path_join(path, node.duplicate), node.duplicate
         if isinstance(node, dict):
             items = list(node.items())
             for k, v in reversed(items):
