@@ -85,41 +85,44 @@ def run_status(req: func.HttpRequest) -> func.HttpResponse:
 @bp.route(route="runs/{run_id}/retry", methods=["POST"])
 @_answers_json
 def retry_run(req: func.HttpRequest) -> func.HttpResponse:
-    pipeline = get_pipeline()
-    run_id = req.route_params["run_id"]
-    if pipeline.store.find(run_id) is None:
-        return _json(404, {"error": f"No run {run_id}.", "field": "run_id"})
-    try:
-        run = pipeline.retry(run_id)
-    except RetryError as exc:
-        return _json(409, {"error": str(exc)})
-    return _json(202, run.public())
+    return _run_step(req, lambda pipeline, run_id: pipeline.retry(run_id), 202)
 
 
 @bp.route(route="runs/{run_id}/cancel", methods=["POST"])
 @_answers_json
 def cancel_run(req: func.HttpRequest) -> func.HttpResponse:
-    pipeline = get_pipeline()
-    run_id = req.route_params["run_id"]
-    if pipeline.store.find(run_id) is None:
-        return _json(404, {"error": f"No run {run_id}.", "field": "run_id"})
-    try:
-        run = pipeline.cancel(run_id)
-    except CancelError as exc:
-        return _json(409, {"error": str(exc)})
-    return _json(200, run.public())
+    return _run_step(req, lambda pipeline, run_id: pipeline.cancel(run_id), 200)
 
 
 @bp.route(route="runs/{run_id}/deploy", methods=["POST"])
 @_answers_json
 def deploy_run(req: func.HttpRequest) -> func.HttpResponse:
-    return _lifecycle(req, "deploy")
+    """Wake a sleeping run, or (``?force=true``) deploy one the quality gate held back."""
+    try:
+        force = to_bool(req.params.get("force") or "false")
+    except ValueError as exc:
+        return _json(400, {"error": f"force: {exc}", "field": "force"})
+    return _run_step(req, lambda pipeline, run_id: pipeline.deploy(run_id, force=force, by=_caller(req)))
 
 
 @bp.route(route="runs/{run_id}/undeploy", methods=["POST"])
 @_answers_json
 def undeploy_run(req: func.HttpRequest) -> func.HttpResponse:
-    return _lifecycle(req, "undeploy")
+    return _run_step(req, lambda pipeline, run_id: pipeline.undeploy(run_id))
+
+
+def _run_step(req: func.HttpRequest, step, status: int | None = None) -> func.HttpResponse:
+    """One step asked of a run: 404 for no such run, 409 (the step's own message) where the run's state
+    does not allow it; else the run, with ``status``, or 202 while it deploys and 200 otherwise."""
+    pipeline = get_pipeline()
+    run_id = req.route_params["run_id"]
+    if pipeline.store.find(run_id) is None:
+        return _json(404, {"error": f"No run {run_id}.", "field": "run_id"})
+    try:
+        run = step(pipeline, run_id)
+    except (RetryError, CancelError, LifecycleError) as exc:
+        return _json(409, {"error": str(exc)})
+    return _json(status or (202 if run.state == "deploying" else 200), run.public())
 
 
 def _caller(req: func.HttpRequest) -> str:
@@ -127,26 +130,6 @@ def _caller(req: func.HttpRequest) -> str:
     name; the fingerprint tells keys apart without holding one)."""
     key = req.headers.get("x-functions-key") or req.params.get("code") or ""
     return f"key sha256:{hashlib.sha256(key.encode()).hexdigest()[:12]}" if key else "anonymous"
-
-
-def _lifecycle(req: func.HttpRequest, step: str) -> func.HttpResponse:
-    """Wake a sleeping run (202: the sweeper finishes the deployment) or put a deployed one to sleep."""
-    pipeline = get_pipeline()
-    run_id = req.route_params["run_id"]
-    if pipeline.store.find(run_id) is None:
-        return _json(404, {"error": f"No run {run_id}.", "field": "run_id"})
-    try:
-        if step == "deploy":
-            try:
-                force = to_bool(req.params.get("force") or "false")
-            except ValueError as exc:
-                return _json(400, {"error": f"force: {exc}", "field": "force"})
-            run = pipeline.deploy(run_id, force=force, by=_caller(req))
-        else:
-            run = pipeline.undeploy(run_id)
-    except LifecycleError as exc:
-        return _json(409, {"error": str(exc)})
-    return _json(202 if run.state == "deploying" else 200, run.public())
 
 
 @bp.route(route="runs", methods=["GET"])

@@ -66,6 +66,18 @@ def training(backend, run) -> subprocess.Popen:
     return trainer
 
 
+def stand_in_server(backend, run, endpoint: str, **state) -> subprocess.Popen:
+    """An endpoint as the backend leaves it while its model server runs: a process of its own session
+    (``sleep``, standing in for the server), its endpoint.json and, if given, its state.json."""
+    ep_dir = backend.endpoints_dir / endpoint
+    ep_dir.mkdir(parents=True)
+    server = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    (ep_dir / "endpoint.json").write_text(json.dumps({"pid": server.pid, "port": 9, "run_id": run.run_id}))
+    if state:
+        (ep_dir / "state.json").write_text(json.dumps(state))
+    return server
+
+
 def job_event(settings, run, status: str) -> RunEvent:
     raw = run_event(status=status, topic=settings.workspace_id, job_name=run.job_name,
                     experiment_name="tunedrop", run_tags={RUN_ID_TAG: run.run_id})
@@ -121,10 +133,7 @@ def test_a_deployed_endpoint_whose_server_died_fails_visibly_and_can_be_retried(
     run = make_run(pipeline, runs.REGISTERED)
     endpoint = "td-chat-0123456789"
     ep_dir = backend.endpoints_dir / endpoint
-    ep_dir.mkdir(parents=True)
-    server = subprocess.Popen(["sleep", "120"], start_new_session=True)  # stands in for a serving model server
-    (ep_dir / "endpoint.json").write_text(json.dumps({"pid": server.pid, "port": 9, "run_id": run.run_id}))
-    (ep_dir / "state.json").write_text(json.dumps({"state": "ready"}))
+    server = stand_in_server(backend, run, endpoint, state="ready")  # stands in for a serving model server
     (ep_dir / "server.log").write_text("serving\nKilled\n")
     pipeline.store.transition(run.run_id, runs.DEPLOYING, endpoint_name=endpoint, model_name="m", model_version="1")
     pipeline.store.transition(run.run_id, runs.DEPLOYED, deployed_at=runs.utcnow().isoformat())
@@ -190,9 +199,7 @@ def test_a_deployment_never_ready_fails_as_deploy_timeout_and_its_endpoint_is_de
     run = make_run(pipeline, runs.REGISTERED)
     endpoint = "td-chat-0123456789"
     ep_dir = backend.endpoints_dir / endpoint
-    ep_dir.mkdir(parents=True)
-    server = subprocess.Popen(["sleep", "120"], start_new_session=True)  # a model server that never gets ready
-    (ep_dir / "endpoint.json").write_text(json.dumps({"pid": server.pid, "port": 9, "run_id": run.run_id}))
+    server = stand_in_server(backend, run, endpoint)  # a model server that never gets ready
     pipeline.store.transition(run.run_id, runs.DEPLOYING, endpoint_name=endpoint, model_name="m", model_version="1",
                               deploy_started_at=runs.utcnow().isoformat())
     assert pipeline.sweep().failed == []  # still starting, within the limit
@@ -231,9 +238,7 @@ def test_cancel_during_deployment_deletes_the_endpoint_and_a_finished_run_answer
     run = make_run(pipeline, runs.REGISTERED)
     endpoint = "td-chat-0123456789"
     ep_dir = backend.endpoints_dir / endpoint
-    ep_dir.mkdir(parents=True)
-    server = subprocess.Popen(["sleep", "120"], start_new_session=True)  # a model server still loading
-    (ep_dir / "endpoint.json").write_text(json.dumps({"pid": server.pid, "port": 9, "run_id": run.run_id}))
+    server = stand_in_server(backend, run, endpoint)  # a model server still loading
     pipeline.store.transition(run.run_id, runs.DEPLOYING, endpoint_name=endpoint, model_name="m", model_version="1")
     canceled = pipeline.cancel(run.run_id)
     assert canceled.state == runs.CANCELED and canceled.failed_in == runs.DEPLOYING
