@@ -46,7 +46,7 @@ def test_the_invoker_keeps_http_and_trigger_lanes_apart(tmp_path):
         started = time.monotonic()
         with pytest.raises(Throttled):
             invoker.invoke(spec, "test", lambda: None, http=True)
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 3  # refused, not queued: a waiting one would take 5 s and more
         # The trigger lane still runs at once (the bind raises, which is the quickest invocation there is).
         outcome = invoker.invoke(spec, "test", lambda: (_ for _ in ()).throw(ValueError("ran")))
         assert isinstance(outcome.error, ValueError)
@@ -72,7 +72,7 @@ def test_saturated_http_workers_do_not_stall_timers_and_excess_requests_get_a_fa
 
     started = time.monotonic()
     refused = httpx.get(f"{host.base_url}/api/slow", params={"s": 0}, timeout=30)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 3  # refused at once, not after the 4 s slow requests
     assert refused.status_code == 429 and refused.headers["retry-after"].isdigit()
     assert refused.headers["content-type"].startswith("application/json") and "busy" in refused.json()["error"]
 
