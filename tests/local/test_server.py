@@ -186,7 +186,8 @@ def test_openai_chat_completions(server):
     assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 6
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     status, body = request(server["port"], "/v1/chat/completions", {"messages": [{"role": "user"}]}, key=KEY)
-    assert status == 400 and body == {"error": "messages[0].content must be a string", "code": "bad_request"}
+    assert status == 400 and body == {"error": "messages[0].content must be a string", "code": "bad_request",
+                                      "field": "messages[0].content"}
 
 
 def test_sigterm_stops_cleanly(server):

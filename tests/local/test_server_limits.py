@@ -255,3 +255,84 @@ def test_the_backend_starts_servers_with_the_settings_limits(tmp_path, monkeypat
                               generation_timeout_s=defaults["generation_timeout_s"],
                               concurrency=defaults["server_concurrency"], queue=defaults["server_queue"])
     assert defaults["generation_timeout_s"] < defaults["score_timeout_s"]
+
+
+# -- streaming, stop sequences and seeds (issue 17) -------------------------------------------------------
+
+
+def chat(text: str, **fields) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": text}], **fields}
+
+
+def events(port, body, timeout=30) -> list:
+    """The Server-Sent Events of a streamed request, each decoded ("[DONE]" as is)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        lines = response.read().decode().split("\n\n")
+    assert lines[-1] == ""
+    return [line[len("data: "):] if line.endswith("[DONE]") else json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+def test_a_streamed_answer_is_the_whole_answer_in_pieces_as_openai_sends_them(generator):
+    with serving(generator, Limits(concurrency=2)) as server:
+        status, whole, _ = post(server.port, chat("Tell me a story about a dragon.", temperature=0, max_tokens=40),
+                                path="/v1/chat/completions")
+        assert status == 200
+        text = whole["choices"][0]["message"]["content"]
+        got = events(server.port, chat("Tell me a story about a dragon.", temperature=0, max_tokens=40, stream=True,
+                                       stream_options={"include_usage": True}))
+        assert server.scheduler.stats()["admitted"] == 0
+    assert got[-1] == "[DONE]" and all(e["object"] == "chat.completion.chunk" for e in got[:-1])
+    assert got[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [e["choices"][0]["delta"]["content"] for e in got[1:-3]]
+    assert len(pieces) > 5 and "".join(pieces) == text  # token by token, the same text
+    assert got[-3]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": whole["choices"][0]["finish_reason"]}
+    assert got[-2]["choices"] == [] and got[-2]["usage"] == whole["usage"]
+    assert len({e["id"] for e in got[:-1]}) == 1
+
+
+def test_stop_sequences_end_the_answer_before_them_streamed_or_not(generator):
+    with serving(generator, Limits(concurrency=2)) as server:
+        _, whole, _ = post(server.port, chat("Tell me a story about a dragon.", temperature=0, max_tokens=40),
+                           path="/v1/chat/completions")
+        text = whole["choices"][0]["message"]["content"]
+        stop = text[len(text) // 2:len(text) // 2 + 3]
+        expected = text[:text.find(stop)].strip()
+        _, cut, _ = post(server.port, chat("Tell me a story about a dragon.", temperature=0, max_tokens=40,
+                                           stop=["\u2603never", stop]), path="/v1/chat/completions")
+        streamed = events(server.port, chat("Tell me a story about a dragon.", temperature=0, max_tokens=40,
+                                            stop=stop, stream=True))
+    assert stop and cut["choices"][0]["message"]["content"] == expected
+    assert cut["choices"][0]["finish_reason"] == "stop" and cut["usage"]["completion_tokens"] < 40
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in streamed[:-1]) == expected
+    assert streamed[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_seed_makes_sampling_repeat_and_refused_fields_are_named(generator):
+    with serving(generator, Limits(concurrency=1)) as server:
+        answers = [post(server.port, chat("Say something.", temperature=1.0, seed=seed, max_tokens=16),
+                        path="/v1/chat/completions")[1]["choices"][0]["message"]["content"] for seed in (7, 7, 8)]
+        refused = {name: post(server.port, chat("Hi", **{name: value}), path="/v1/chat/completions")
+                   for name, value in [("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                       ("logprobs", True), ("n", 2), ("stop", ["a"] * 5), ("best_of", 2)]}
+    assert answers[0] == answers[1] != answers[2]
+    for name, (status, body, _) in refused.items():
+        assert status == 400 and body["field"] == name, (name, body)
+
+
+def test_hanging_up_on_a_stream_stops_its_generation(generator):
+    with serving(generator, Limits(concurrency=1, queue=0), slow_s=0.05) as server:
+        raw = json.dumps(chat("Tell me a long story.", temperature=0, max_tokens=400, stream=True)).encode()
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw)
+        received = b""
+        while b"chat.completion.chunk" not in received:
+            received += sock.recv(4096)
+        forwards = server.slow.forwards
+        sock.close()
+        wait_for(lambda: server.scheduler.stats()["admitted"] == 0, 10, "the stream's admission given back")
+        assert server.slow.forwards - forwards < 100  # stopped, not run to its 400 tokens
+        assert post(server.port, chat("Hi", max_tokens=2), path="/v1/chat/completions")[0] == 200

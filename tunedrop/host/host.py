@@ -18,6 +18,7 @@ import azure.functions as func
 from azure.functions.eventgrid import EventGridEventInConverter
 from azure.functions.meta import Datum
 
+from tunedrop.host import http_streams
 from tunedrop.host.blob import BlobListener
 from tunedrop.host.config import HostConfig, HostConfigError, default_host_id, load_or_create_keys
 from tunedrop.host.http import Route, make_server, sort_routes
@@ -80,6 +81,10 @@ class LocalHost:
             function_timeout_s=timeout)
         self.functions = {spec.name: spec for spec in index_functions(app, functions)}
         self.routes = sort_routes([Route(s, self.config.route_prefix) for s in self.functions.values() if s.kind == HTTP])
+        self.http_streams = http_streams.enabled()
+        if self.http_streams:
+            for route in self.routes:
+                http_streams.check_function(route.spec.name, route.spec.param_type)
         kinds = {BLOB: BlobListener, QUEUE: QueueListener, TIMER: TimerListener}
         self.listeners = {s.name: kinds[s.kind](s, self.ctx) for s in self.functions.values() if s.kind in kinds}
         self._address, self._port = host, port

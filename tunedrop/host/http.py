@@ -47,6 +47,7 @@ import azure.functions as func
 from azure.functions.eventgrid import EventGridEventInConverter
 from azure.functions.meta import Datum
 
+from tunedrop.host import http_streams
 from tunedrop.host.invoke import FunctionSpec, Invoker, Throttled
 
 
@@ -58,6 +59,7 @@ class LocalHost(Protocol):
     routes: list[Route]
     authority: str
     invoker: Invoker
+    http_streams: bool
 
     def function(self, name: str, kind: str | None = None) -> FunctionSpec | None: ...
 
@@ -358,12 +360,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _http_function(self, route: Route, params: dict[str, str], query: dict[str, str], body: bytes, url) -> None:
         if route.auth_level != "anonymous" and not self._key_ok(query, admin=route.auth_level == "admin"):
             return self._send(401)
+        streams = self.host.http_streams
         headers: dict[str, str] = {}
         for name, value in self.headers.items():
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         full_url = f"http://{self.headers.get('Host') or self.host.authority}{self.path}"
 
         def bind():
+            if streams:
+                return http_streams.build_request(self.command, url.path, url.query, list(self.headers.items()), body,
+                                                  params, self.client_address[:2])
             return func.HttpRequest(self.command, full_url, headers=headers, params=query,
                                     route_params=params, body=body)
 
@@ -371,12 +377,39 @@ class _Handler(BaseHTTPRequestHandler):
                                            bind, http=True)
         if not outcome.succeeded:
             return self._send(500)
+        if streams:
+            return self._send_streamed(route, outcome.value)
         try:
             status, response_headers, response_body = _http_response(outcome.value)
         except TypeError:
             log.exception("Function '%s' returned a value the host cannot send", route.spec.log_name)
             return self._send(500)
         self._send(status, response_body, response_headers)
+
+    def _send_streamed(self, route: Route, value: Any) -> None:
+        """An HTTP-streams function's response, each piece written as it comes (tunedrop/host/http_streams.py)."""
+        try:
+            response = http_streams.as_response(value)
+        except TypeError:
+            log.exception("Function '%s' returned a value the host cannot send", route.spec.log_name)
+            return self._send(500)
+        request = http_streams.build_request(self.command, "/", "", [], b"", {})
+
+        def start(status: int, headers: list[tuple[str, str]]) -> None:
+            self.send_response(status)
+            for name, value in headers:
+                if name.lower() not in ("connection", "transfer-encoding"):
+                    self.send_header(name, value)
+            self.send_header("Connection", "close")
+            self.end_headers()
+
+        def write(piece: bytes) -> None:
+            if self.command != "HEAD":
+                self.wfile.write(piece)
+                self.wfile.flush()
+
+        self.close_connection = True
+        http_streams.send(response, request, start, write)
 
     def _event_grid(self, query: dict[str, str], body: bytes) -> None:
         """The Event Grid extension's webhook: handshake, notifications, unsubscribe."""

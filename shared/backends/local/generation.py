@@ -13,6 +13,13 @@ chunk of a long prompt's prefill) each, round-robin, so a short request finishes
 still running. The same hook stops a generation that has run past ``TUNEDROP_GENERATION_TIMEOUT_S``
 (from the request's arrival) or whose client has gone, at its next forward pass. Up to
 ``TUNEDROP_SERVER_QUEUE`` more requests wait; past that the server answers 429 with ``Retry-After``.
+
+A request may be streamed (:meth:`Scheduler.stream`): its tokens are handed over as ``generate``
+makes them (transformers' streamer protocol), decoded into text pieces that never split a character
+or a stop sequence, with the same limits, turns and stops as above. Stop sequences end a generation
+(``generate``'s own ``stop_strings``) and are cut from the text, as OpenAI does; a ``seed`` seeds the
+sampler just before its generation starts (best effort, as OpenAI's: other requests taking turns draw
+from the same generator).
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import queue
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from shared.openai_api import cut_at_stop
 
 #: Generation length when a request asks for none (capped by TUNEDROP_MAX_NEW_TOKENS).
 DEFAULT_NEW_TOKENS = 200
@@ -139,10 +149,18 @@ class Generator:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                   return_dict=True)
 
-    def run(self, inputs, sampling: dict[str, Any]):
+    def run(self, inputs, sampling: dict[str, Any], streamer=None):
         """``model.generate`` for one encoded prompt: the output ids (prompt included)."""
         tok = self.tokenizer
         kwargs: dict[str, Any] = {"max_new_tokens": sampling["max_new_tokens"]}
+        if sampling.get("stop"):
+            kwargs |= {"stop_strings": list(sampling["stop"]), "tokenizer": tok}
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        if sampling.get("seed") is not None:
+            import torch
+
+            torch.manual_seed(sampling["seed"] % 2**63)
         if sampling.get("do_sample"):
             kwargs |= {"do_sample": True, "temperature": sampling.get("temperature", 1.0),
                        "top_p": sampling.get("top_p", 1.0)}
@@ -153,18 +171,17 @@ class Generator:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return self.model.generate(**inputs, pad_token_id=pad, **kwargs)
 
-    def answer(self, output, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:
-        tok = self.tokenizer
-        new = output[0, prompt_len:]
+    def eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
-        stopped = len(new) > 0 and int(new[-1]) in eos_ids
-        return {
-            "text": tok.decode(new, skip_special_tokens=True).strip(),
-            "prompt_tokens": int(prompt_len),
-            "completion_tokens": int(len(new)),
-            "finish_reason": "stop" if stopped or len(new) < max_new_tokens else "length",
-        }
+        return set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+
+    def answer(self, output, prompt_len: int, sampling: dict[str, Any]) -> dict[str, Any]:
+        """The text of one generation (cut at the request's first stop sequence), its token counts and why it ended."""
+        new = output[0, prompt_len:]
+        ended = len(new) > 0 and int(new[-1]) in self.eos_ids()
+        text, cut = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), tuple(sampling.get("stop") or ()))
+        return {"text": text.strip(), "prompt_tokens": int(prompt_len), "completion_tokens": int(len(new)),
+                "finish_reason": "stop" if ended or cut or len(new) < sampling["max_new_tokens"] else "length"}
 
     def generate(self, messages: list[dict[str, str]], sampling: dict[str, Any]) -> dict[str, Any]:
         """One generation, here and now, with no limits (the demo's and the tests' direct path)."""
@@ -174,7 +191,7 @@ class Generator:
         sampling = {**sampling, "max_new_tokens": sampling.get("max_new_tokens") or DEFAULT_NEW_TOKENS}
         with self.lock, torch.inference_mode():
             output = self.run(inputs, sampling)
-        return self.answer(output, inputs["input_ids"].shape[1], sampling["max_new_tokens"])
+        return self.answer(output, inputs["input_ids"].shape[1], sampling)
 
 
 class _Turns:
@@ -216,6 +233,7 @@ class _Job:
     stop_reason: str | None = None
     output: Any = None
     error: str | None = None  # timeout | gone | failed
+    streamer: "_TokenQueue | None" = None
 
     def check(self) -> None:
         if self.stop_reason:
@@ -295,6 +313,23 @@ class Scheduler:
     def serve(self, messages: list[dict[str, str]], sampling: dict[str, Any],
               gone: Callable[[], bool] = lambda: False, arrived: float | None = None) -> dict[str, Any]:
         """The answer to one request, or Refused. ``gone()`` says whether the client has disconnected."""
+        job = self._admit(messages, sampling, arrived)
+        try:
+            while not job.done.wait(POLL_S):
+                self._watch(job, gone)
+        finally:
+            self._release()
+        self._raise_for(job)
+        return self.generator.answer(job.output, int(job.inputs["input_ids"].shape[1]), job.sampling)
+
+    def stream(self, messages: list[dict[str, str]], sampling: dict[str, Any],
+               gone: Callable[[], bool] = lambda: False, arrived: float | None = None) -> "TextStream":
+        """One request streamed: Refused now if it is refused before any work, else the :class:`TextStream`
+        of its text pieces (which raises Refused if the generation is stopped part-way)."""
+        return TextStream(self, self._admit(messages, sampling, arrived, streamer=_TokenQueue()), gone)
+
+    def _admit(self, messages, sampling, arrived, streamer=None) -> _Job:
+        """The request, checked against the limits and queued for a worker; Refused (400, 429) if it is not."""
         deadline = (arrived or time.monotonic()) + self.limits.generation_timeout_s
         max_new = self.check_length(messages, sampling)
         with self._cond:
@@ -305,18 +340,27 @@ class Scheduler:
                               headers={"Retry-After": str(RETRY_AFTER_S)})
             self._admitted += 1
         try:
-            job = _Job(self.encode(messages, max_new), {**sampling, "max_new_tokens": max_new}, deadline)
-            with self._cond:
-                self._waiting.append(job)
-                self._cond.notify_all()
-            while not job.done.wait(POLL_S):
-                if gone():
-                    self._stop(job, "gone")
-                elif time.monotonic() >= job.deadline:
-                    self._stop(job, "timeout")
-        finally:
-            with self._cond:
-                self._admitted -= 1
+            job = _Job(self.encode(messages, max_new), {**sampling, "max_new_tokens": max_new}, deadline,
+                       streamer=streamer)
+        except BaseException:
+            self._release()
+            raise
+        with self._cond:
+            self._waiting.append(job)
+            self._cond.notify_all()
+        return job
+
+    def _release(self) -> None:
+        with self._cond:
+            self._admitted -= 1
+
+    def _watch(self, job: _Job, gone: Callable[[], bool]) -> None:
+        if gone():
+            self._stop(job, "gone")
+        elif time.monotonic() >= job.deadline:
+            self._stop(job, "timeout")
+
+    def _raise_for(self, job: _Job) -> None:
         if job.error == "timeout":
             raise Refused(504, f"generation stopped after {self.limits.generation_timeout_s:g} s "
                           "(TUNEDROP_GENERATION_TIMEOUT_S, counted from the request's arrival); ask for fewer tokens "
@@ -325,7 +369,6 @@ class Scheduler:
             raise Refused(499, "the client disconnected; generation stopped", code="client_gone")
         if job.error:
             raise Refused(500, "generation failed", code="generation_failed")
-        return self.generator.answer(job.output, int(job.inputs["input_ids"].shape[1]), max_new)
 
     def close(self) -> None:
         """Workers end once idle; the model is left without the hook (tests make several schedulers)."""
@@ -372,7 +415,7 @@ class Scheduler:
             self._local.job = job
             try:
                 with torch.inference_mode():
-                    job.output = self.generator.run(job.inputs, job.sampling)
+                    job.output = self.generator.run(job.inputs, job.sampling, streamer=job.streamer)
             except _Stop as stop:
                 job.error = stop.reason
             except Exception as exc:  # noqa: BLE001 - never a trace in a response; the log says what
@@ -388,3 +431,93 @@ class Scheduler:
                     log(f"generation stopped: {why}")
                 job.done.set()
 
+
+
+class _TokenQueue:
+    """transformers' streamer protocol (``put``/``end``): each new token of one generation, queued for its reader
+    (``generate`` first puts the prompt, which is skipped)."""
+
+    def __init__(self):
+        self.tokens: queue.SimpleQueue = queue.SimpleQueue()
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.tokens.put([int(t) for t in value.reshape(-1).tolist()])
+
+    def end(self) -> None:
+        pass  # the job's done event says it ended, and why
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of ``text`` that may be the start of a stop sequence, so not sent yet."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                longest = max(longest, size)
+                break
+    return longest
+
+
+class TextStream:
+    """The text of one streamed generation, piece by piece, then :attr:`result` (token counts, finish reason).
+
+    Pieces never split a character or a stop sequence; leading and trailing whitespace is dropped as in the
+    whole answer, so the pieces joined are exactly :meth:`Generator.answer`'s text. :meth:`close` (also on
+    a disconnect) stops the generation and gives its admission back, once."""
+
+    def __init__(self, scheduler: Scheduler, job: _Job, gone: Callable[[], bool]):
+        self.scheduler, self.job, self.gone = scheduler, job, gone
+        self.result: dict[str, Any] | None = None
+        self._closed = False
+
+    def __iter__(self) -> Iterator[str]:
+        job, tok = self.job, self.scheduler.generator.tokenizer
+        stops = tuple(job.sampling.get("stop") or ())
+        eos_ids = self.scheduler.generator.eos_ids()
+        ids: list[int] = []
+        sent = 0
+        cut = False
+        try:
+            while not cut:
+                try:
+                    ids.extend(job.streamer.tokens.get(timeout=POLL_S))
+                except queue.Empty:
+                    if job.done.is_set() and job.streamer.tokens.empty():
+                        break
+                    self.scheduler._watch(job, self.gone)
+                    continue
+                text = tok.decode(ids, skip_special_tokens=True).lstrip()
+                if text.endswith("\ufffd"):  # a character still coming in its next token
+                    continue
+                text, cut = cut_at_stop(text, stops)
+                ready = len(text) if cut else len(text.rstrip()) - _held_back(text.rstrip(), stops)
+                if ready > sent:
+                    yield text[sent:ready]
+                    sent = ready
+            if cut:
+                self.scheduler._stop(job, "done")
+                job.done.wait()
+            if job.error != "done":  # "done": stopped here, at a stop sequence
+                self.scheduler._raise_for(job)
+            text = tok.decode(ids, skip_special_tokens=True).strip()
+            text = cut_at_stop(text, stops)[0].strip()
+            if len(text) > sent:
+                yield text[sent:]
+            ended = bool(ids) and ids[-1] in eos_ids
+            self.result = {"prompt_tokens": int(job.inputs["input_ids"].shape[1]), "completion_tokens": len(ids),
+                           "finish_reason": "stop" if ended or cut or len(ids) < job.sampling["max_new_tokens"]
+                           else "length"}
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.job.done.is_set():
+            self.scheduler._stop(self.job, "gone")
+        self.scheduler._release()

@@ -42,7 +42,7 @@ from typing import Any
 
 from shared.backends.local.generation import Generator, Limits, Refused, Scheduler
 from shared.chat import ChatRequestError, conversation
-from shared.chat import messages as chat_messages
+from shared.openai_api import ChatRequest, parse_chat_request
 
 MAX_BODY_BYTES = 1_048_576
 MODEL_INFO_FILE = "tunedrop_model.json"
@@ -130,18 +130,13 @@ def parse_score_request(body: Any) -> tuple[list[dict[str, str]], dict[str, Any]
     return messages, _sampling(params, "input_data.parameters", "max_new_tokens", sample_by_default=False)
 
 
-def parse_openai_request(body: Any) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object with messages")
-    messages = chat_messages(body.get("messages"), "messages")
-    if body.get("stream"):
-        raise BadRequest("stream is not supported")
-    if body.get("n") not in (None, 1):
-        raise BadRequest("n must be 1")
-    tokens_key = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
-    params = {k: body.get(k) for k in ("temperature", "top_p", tokens_key)}
+def parse_openai_request(body: Any) -> tuple[ChatRequest, dict[str, Any]]:
+    """The request read as the Function reads it (shared/openai_api.py), and its generation arguments."""
+    request = parse_chat_request(body)
+    params = {"temperature": request.temperature, "top_p": request.top_p, request.tokens_field: request.max_tokens}
     # As OpenAI: sampling at temperature 1 unless told otherwise.
-    return messages, _sampling(params, "", tokens_key, sample_by_default=True)
+    sampling = _sampling(params, "", request.tokens_field, sample_by_default=True)
+    return request, {**sampling, "stop": request.stop, "seed": request.seed}
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -207,8 +202,8 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _refuse(self, status: int, message: str, *, code: str) -> None:
-        self._send(status, {"error": message, "code": code})
+    def _refuse(self, status: int, message: str, *, code: str, field: str | None = None) -> None:
+        self._send(status, {"error": message, "code": code, **({"field": field} if field else {})})
 
     def _client_gone(self) -> bool:
         """Whether the client closed its connection while its request is being generated."""
@@ -282,16 +277,21 @@ class Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         if body is None:
             return
+        request = None
         try:
             if route == "/score":
                 messages, sampling = parse_score_request(body)
             else:
-                messages, sampling = parse_openai_request(body)
+                request, sampling = parse_openai_request(body)
+                messages = request.messages
         except ChatRequestError as exc:
-            self._refuse(400, str(exc), code="bad_request")
+            self._refuse(400, str(exc), code="bad_request", field=exc.field)
             return
+        if request is not None and request.user:
+            log(f"request for end user {request.user!r}")
+        serve = self.scheduler.stream if request is not None and request.stream else self.scheduler.serve
         try:
-            result = self.scheduler.serve(messages, sampling, gone=self._client_gone, arrived=arrived)
+            result = serve(messages, sampling, gone=self._client_gone, arrived=arrived)
         except Refused as refused:
             if refused.code == "client_gone":  # nobody to answer
                 self.close_connection = True
@@ -304,28 +304,57 @@ class Handler(BaseHTTPRequestHandler):
             return
         if route == "/score":
             self._send(200, {"output": result["text"]})
-            return
-        self._send(
-            200,
-            {
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": str(body.get("model") or self.generator.name),
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": result["text"]},
-                        "finish_reason": result["finish_reason"],
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": result["prompt_tokens"],
-                    "completion_tokens": result["completion_tokens"],
-                    "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
-                },
-            },
-        )
+        elif request.stream:
+            self._stream(result, request)
+        else:
+            completion = _completion(request, self.generator.name, result["finish_reason"])
+            completion["choices"][0]["message"] = {"role": "assistant", "content": result["text"]}
+            self._send(200, {**completion, "usage": _usage(result)})
+
+    def _stream(self, pieces, request: ChatRequest) -> None:
+        """Server-Sent Events as OpenAI sends them: a chunk per text piece, one with the finish reason, usage
+        if asked for, ``data: [DONE]``. A generation stopped part-way ends with an error event."""
+        self.close_connection = True  # the stream's end is the connection's end
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        chunk = _completion(request, self.generator.name, None, chunk=True)
+
+        def event(choice_delta: dict | None, finish: str | None = None, **extra) -> None:
+            choices = [] if choice_delta is None else [{"index": 0, "delta": choice_delta, "finish_reason": finish}]
+            self.wfile.write(f"data: {json.dumps({**chunk, 'choices': choices, **extra})}\n\n".encode())
+            self.wfile.flush()
+
+        try:
+            event({"role": "assistant", "content": ""})
+            for piece in pieces:
+                event({"content": piece})
+            event({}, pieces.result["finish_reason"])
+            if request.include_usage:
+                event(None, usage=_usage(pieces.result))
+            self.wfile.write(b"data: [DONE]\n\n")
+        except Refused as refused:
+            if refused.code != "client_gone":
+                error = {"message": str(refused), "type": "server_error", "param": None, "code": refused.code}
+                self.wfile.write(f"data: {json.dumps({'error': error})}\n\n".encode())
+        except OSError:
+            pass  # the client hung up: closing the stream below stops the generation
+        finally:
+            pieces.close()
+
+
+def _completion(request: ChatRequest, served: str, finish: str | None, chunk: bool = False) -> dict[str, Any]:
+    """The envelope of a chat completion (or of each chunk of one) with its one choice."""
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk" if chunk else "chat.completion",
+            "created": int(time.time()), "model": request.model or served,
+            "choices": [{"index": 0, "finish_reason": finish}]}
+
+
+def _usage(result: dict[str, Any]) -> dict[str, int]:
+    return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
+            "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
 
 
 def make_server(generator: Generator, key: bytes, limits: Limits, port: int = 0) -> _Server:
