@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.tunedrop-installed
 
-.PHONY: setup demo test lint soak up bench bench-validation clean
+.PHONY: setup browser demo test lint soak up bench bench-validation clean
 
 setup: $(STAMP) node_modules/.installed
 
@@ -23,7 +23,13 @@ node_modules/.installed: package.json package-lock.json
 demo: setup
 	$(VENV)/bin/tunedrop demo
 
-test: setup
+# The browser the status page's test drives: Debian's chromium and chromedriver (no download of its own).
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  echo "Installing Debian's chromium and chromium-driver for the browser test..."; \
+	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: setup browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

@@ -6,9 +6,9 @@ each of those costs seconds of cold start. Handlers import what they need when t
 
 import azure.functions as func
 
-from functions import ingest, job_events, notify, score, sweeper
+from functions import ingest, job_events, notify, openai_api, runs, score, status_page, sweeper
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
-for module in (ingest, job_events, sweeper, score, notify):
+for module in (ingest, job_events, sweeper, score, runs, openai_api, status_page, notify):
     app.register_functions(module.bp)

@@ -60,5 +60,5 @@ def notify(msg: func.QueueMessage) -> None:
         delay = Outbox(settings).redeliver_later(message, str(exc))
         log.warning("webhook %s (%s) attempt %d failed (%s); next in %d s", message.id, kind, message.attempt, exc, delay)
         return
-    ledger.done(message)
+    ledger.delivered(message, status)
     log.info("webhook %s (%s) delivered: HTTP %d, attempt %d", message.id, kind, status, message.attempt)

@@ -42,6 +42,9 @@ param gpuClusterMaxNodes int = 1
 @description('Comma-separated URLs that receive run webhooks (TUNEDROP_WEBHOOK_URLS). Empty: no webhooks.')
 param webhookUrls string = ''
 
+@description('Keys of the OpenAI-compatible routes (TUNEDROP_API_KEYS): comma-separated name:sha256 entries from `tunedrop keys new NAME`. Hashes, not keys: not secret. Empty: /api/v1 answers 401.')
+param apiKeys string = ''
+
 @secure()
 @description('Standard Webhooks signing secret (whsec_...), stored in Key Vault and read through a Key Vault reference. Required when webhookUrls is set.')
 param webhookSecret string = ''
@@ -174,6 +177,7 @@ module app 'modules/functionapp.bicep' = {
     appInsightsConnectionString: monitoring.outputs.connectionString
     webhookSecretUri: vault.outputs.webhookSecretUri
     webhookUrls: webhookUrls
+    apiKeys: apiKeys
     baseModel: baseModel
     workspaceId: workspace.outputs.id
     computeName: computeName

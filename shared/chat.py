@@ -73,20 +73,6 @@ def check_sampling(params: Any, field: str, tokens_keys: tuple[str, ...]) -> Non
         _positive_int(params, key, field)
 
 
-def check_openai_request(body: dict) -> list[dict[str, str]]:
-    """An OpenAI chat-completions request's messages, its sampling parameters and what this app cannot do
-    (stream, n other than 1) checked; returns the messages."""
-    checked = messages(body.get("messages"), "messages")
-    check_sampling(body, "", ("max_tokens", "max_completion_tokens"))
-    if body.get("stream") not in (None, False):
-        raise ChatRequestError("stream is not supported: send stream false or leave it out", "stream")
-    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
-        raise ChatRequestError("n must be 1", "n")
-    if body.get("model") is not None and not isinstance(body["model"], str):
-        raise ChatRequestError("model must be a string", "model")
-    return checked
-
-
 def conversation(input_string: Any, field: str = "input_data.input_string") -> list[dict[str, str]]:
     """The one conversation of a seed request's ``input_string``, in either shape (see above)."""
     if isinstance(input_string, list) and input_string and isinstance(input_string[0], list):

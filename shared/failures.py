@@ -87,8 +87,25 @@ SERVER_ANSWERS: dict[str, str] = {
     "client_gone": "Nothing is sent: the client disconnected, so its generation was stopped.",
 }
 
+#: The `code` of an error from the OpenAI-compatible API (`/api/v1`, and the per-run alias), in OpenAI's shape
+#: `{"error": {"message", "type", "param", "code"}}`; the model server's codes above pass through as they are.
+API_ANSWERS: dict[str, str] = {
+    "invalid_request": "400: a field of the request is wrong or is not supported (`param` names it; a field "
+                       "OpenAI defines but tunedrop cannot honour is refused unless it asks for nothing).",
+    "invalid_body": "400 (413 over TUNEDROP_MAX_REQUEST_BYTES): the body is not strict JSON, or nests too deep.",
+    "unsupported_parameter": "400: the model's endpoint cannot honour the field (`param`), e.g. `seed` on an Azure "
+                             "ML endpoint.",
+    "no_api_keys": "401: TUNEDROP_API_KEYS is empty, so no key is accepted; make one with `tunedrop keys new`.",
+    "missing_api_key": "401: no `Authorization: Bearer <key>` (or `api-key`) header.",
+    "invalid_api_key": "401: the key is not one TUNEDROP_API_KEYS admits.",
+    "model_not_found": "404: no fine-tuned model has that id (GET /v1/models lists them) and no run that name.",
+    "model_waking": "503, with Retry-After: the model was asleep (its idle endpoint torn down); this request woke "
+                    "it and a new endpoint is deploying.",
+    "stream_broken": "In a stream, as its last event: the endpoint's stream broke off part-way.",
+}
+
 #: Every code this module documents.
-ALL_CODES: dict[str, str] = {**REJECTIONS, **FAILURES, **SERVER_ANSWERS}
+ALL_CODES: dict[str, str] = {**REJECTIONS, **FAILURES, **SERVER_ANSWERS, **API_ANSWERS}
 
 #: The job-status failures are named after the status (pipeline: `job_<status>`).
 JOB_STATUS_CODES = tuple(f"job_{status.lower()}" for status in ENDED_BADLY)

@@ -127,6 +127,7 @@ class Run:
     dataset_blob: str = ""
     dataset_etag: str = ""
     dataset_bytes: int = 0
+    validated_bytes: int = 0  # read so far by validation (recorded every few seconds while it runs)
     test_blob: str = ""  # a train/test pair's test half (same container), used as given; "" = split the dataset
     test_etag: str = ""
     content_sha256: str = ""
@@ -367,9 +368,18 @@ class RunStore:
             return None
 
     def release(self, run: Run, error: str) -> Run:
-        """Give a claimed run back (validating -> received) after a failure, so a retry can claim it."""
-        run.state = RECEIVED
-        run.error = error
-        run.history = [*run.history, {"state": RECEIVED, "at": utcnow().isoformat(), "error": error}]
-        return self.save(run)
+        """Give a claimed run back (validating -> received) after a failure, so a retry can claim it. The record
+        may have changed since it was claimed (validation records its progress on it): read again then; a run
+        no longer validating (cancelled meanwhile) is left as it is."""
+        for _ in range(8):
+            if run.state != VALIDATING:
+                return run
+            run.state = RECEIVED
+            run.error = error
+            run.history = [*run.history, {"state": RECEIVED, "at": utcnow().isoformat(), "error": error}]
+            try:
+                return self.save(run)
+            except ConcurrentUpdate:
+                run = self.get(run.run_id)
+        raise ConcurrentUpdate(f"run {run.run_id}: could not release it after 8 tries")
 

@@ -12,16 +12,27 @@ translated into the seed's own request, `{"input_data": {"input_string": [[messa
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Callable, Iterator
 
 from shared import runs
 from shared.backends.base import BackendError
-from shared.chat import ChatRequestError, check_openai_request, check_sampling, conversation, messages
+from shared.chat import ChatRequestError, check_sampling, conversation
+from shared.openai_api import (
+    ChatRequest,
+    OpenAIError,
+    as_openai_error,
+    cut_at_stop,
+    parse_chat_request,
+    resolve_model,
+)
+from shared.pipeline.gate import describe
 from shared.request_json import RequestJSONError, loads
 
 log = logging.getLogger("tunedrop.scoring")
@@ -35,8 +46,6 @@ MAX_JSON_DEPTH = 32
 RUN_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 #: How often a scored endpoint's last-use time is written (the idle timer needs minutes, not ms).
 LAST_USE_WRITE_EVERY = timedelta(seconds=30)
-SEED_FORMAT = "azureml"
-OPENAI_FORMAT = "openai"
 
 
 @dataclass
@@ -64,7 +73,7 @@ def check_run_id(run_id) -> None:
                                 "e.g. chat-sample-b2806c36574b (`tunedrop status` lists them).", 404, "run_id")
 
 
-def parse_request(body: bytes, fmt: str, max_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX_JSON_DEPTH) -> dict:
+def parse_request(body: bytes, max_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX_JSON_DEPTH) -> dict:
     """The request as strict JSON (shared/request_json.py), checked; raises ScoreRequestError naming the
     field at fault."""
     try:
@@ -74,9 +83,6 @@ def parse_request(body: bytes, fmt: str, max_bytes: int = MAX_BODY_BYTES, max_de
     if not isinstance(data, dict):
         raise ScoreRequestError(f"Request body must be a JSON object, not {_kind(data)}.")
     try:
-        if fmt == OPENAI_FORMAT:
-            check_openai_request(data)
-            return data
         input_data = data.get("input_data")
         if not isinstance(input_data, dict):
             raise ScoreRequestError("input_data must be an object with input_string and parameters.", field="input_data")
@@ -109,17 +115,73 @@ class Scorer:
                 self._client = httpx.Client(timeout=self.pipeline.settings.score_timeout_s)
             return self._client
 
-    def score(self, run_id: str, body: bytes, fmt: str = SEED_FORMAT) -> ScoreResponse:
+    def score(self, run_id: str, body: bytes) -> ScoreResponse:
+        """The seed's Azure ML request against ``run_id``'s endpoint, forwarded as it came."""
         settings = self.pipeline.settings
         try:
             check_run_id(run_id)
-            request = parse_request(body, fmt, settings.max_request_bytes, settings.max_json_depth)
+            request = parse_request(body, settings.max_request_bytes, settings.max_json_depth)
         except ScoreRequestError as exc:
             return ScoreResponse(exc.status, exc.body())
-        run = self.pipeline.store.find(run_id)
+        found = self._serving(self.pipeline.store.find(run_id), run_id)
+        if isinstance(found, ScoreResponse):
+            return found
+        run, target = found
+        response = self._checked_key(run, self._forward(target.url, target.key, request, target.headers))
+        if response.status == 200:
+            self._touch(run)
+        return response
+
+    def chat(self, body: bytes, run_id: str | None = None) -> "ScoreResponse | ChatStream":
+        """An OpenAI chat-completions request, for the run ``run_id`` (the per-run route) or for the run its
+        ``model`` names (``/v1``); every error in OpenAI's shape; a ``ChatStream`` when it asks to stream."""
+        settings = self.pipeline.settings
+        try:
+            try:
+                data = loads(body or b"", max_bytes=settings.max_request_bytes, max_depth=settings.max_json_depth)
+                request = parse_chat_request(data, model_required=run_id is None)
+            except RequestJSONError as exc:
+                raise OpenAIError(exc.status, str(exc), param=exc.field, code="invalid_body") from None
+            except ChatRequestError as exc:
+                raise OpenAIError(400, f"{exc}.", param=exc.field, code="invalid_request") from None
+            run = self._run_named(run_id or request.model)
+            found = self._serving(run, run.run_id)
+            if isinstance(found, ScoreResponse):
+                raise as_openai_error(found.status, found.body, found.headers)
+            run, target = found
+            if target.format == "azureml":
+                answer = self._chat_azureml(target, request)
+            else:
+                url = target.url.rsplit("/", 1)[0] + "/v1/chat/completions"
+                forward = self._open_stream if request.stream else self._forward
+                answer = forward(url, target.key, data, target.headers)
+            if isinstance(answer, ScoreResponse):
+                answer = self._checked_key(run, answer)
+                if answer.status != 200:
+                    raise as_openai_error(answer.status, answer.body, answer.headers)
+            self._touch(run)
+            return answer
+        except OpenAIError as exc:
+            return ScoreResponse(exc.status, exc.body(), exc.headers)
+
+    def _run_named(self, name: str):
+        """The run a request names (a run id, or a model id of GET /v1/models); OpenAIError 404 if none."""
+        run = self.pipeline.store.find(name) if RUN_ID.fullmatch(name or "") else None
+        if run is None and name and not RUN_ID.fullmatch(name):
+            run = resolve_model(self.pipeline.store.list(), name)
+        if run is None:
+            shown = name if len(name) <= 80 else name[:80] + "..."
+            raise OpenAIError(404, f"The model {shown!r} does not exist: GET /v1/models lists the fine-tuned models "
+                              "(ids are the registered model's name:version; a run id works too).",
+                              param="model", code="model_not_found")
+        return run
+
+    def _serving(self, run, run_id: str):
+        """(run, its scoring target) when the run can score now; else the answer saying why (tunedrop's shape).
+        A sleeping run is woken by this request (of many at once, one wakes it) and answers 503 while it wakes."""
         if run is None:
             return ScoreResponse(404, {"error": f"No run {run_id}."})
-        if run.state == runs.TORN_DOWN:  # asleep: this request wakes it (of many at once, one wakes it)
+        if run.state == runs.TORN_DOWN:
             try:
                 woken = self.pipeline.wake(run_id, "score")
             except BackendError as exc:
@@ -133,31 +195,73 @@ class Scorer:
         if run.state == runs.DEPLOYING:
             return ScoreResponse(503, {"error": f"Run {run_id}: endpoint is still deploying.", "state": run.state},
                                  {"Retry-After": "30"})
+        if run.state == runs.REGISTERED and run.gate and not run.gate.get("passed"):
+            return ScoreResponse(409, {"error": f"Run {run_id} was held back by the quality gate ({describe(run.gate)}); "
+                                       f"deploy it anyway with `tunedrop deploy {run_id} --force`.", "state": "gated"})
         if run.state != runs.DEPLOYED:
             return ScoreResponse(409, {"error": f"Run {run_id} is {run.state}; only a deployed run can score.",
                                        "state": run.state})
         try:
-            target = self.pipeline.backend.scoring_target(run.endpoint_name)
+            return run, self.pipeline.backend.scoring_target(run.endpoint_name)
         except BackendError as exc:
             return ScoreResponse(503, {"error": f"Run {run_id}: endpoint unavailable ({exc.code})."}, {"Retry-After": "30"})
-        translate = fmt == OPENAI_FORMAT and target.format == "azureml"
-        if translate:
-            url, payload = target.url, openai_to_seed(request)
-        else:
-            url = target.url if fmt == SEED_FORMAT else target.url.rsplit("/", 1)[0] + "/v1/chat/completions"
-            payload = request
-        response = self._forward(url, target.key, payload, target.headers)
-        if response.status == 401:
-            forget = getattr(self.pipeline.backend, "forget_key", None)
-            if forget is not None:
-                forget(run.endpoint_name)  # keys were regenerated: fetch them again next time
-            response = ScoreResponse(503, {"error": f"Run {run_id}: the endpoint refused its key; try again."},
-                                     {"Retry-After": "5"})
-        if response.status == 200:
-            if translate:
-                response = ScoreResponse(200, seed_to_openai(response.body, request))
-            self._touch(run)
-        return response
+
+    def _checked_key(self, run, response: ScoreResponse) -> ScoreResponse:
+        """A 401 from the endpoint means its keys were regenerated: forget ours, fetch them again next time."""
+        if response.status != 401:
+            return response
+        forget = getattr(self.pipeline.backend, "forget_key", None)
+        if forget is not None:
+            forget(run.endpoint_name)
+        return ScoreResponse(503, {"error": f"Run {run.run_id}: the endpoint refused its key; try again."},
+                             {"Retry-After": "5"})
+
+    def _chat_azureml(self, target, request: ChatRequest) -> "ScoreResponse | ChatStream":
+        """An Azure ML endpoint takes the seed's request only: translated there and back; its answer comes
+        whole, so a stream is that answer as one chunk. It returns no token counts, so there is no usage."""
+        if request.seed is not None:
+            raise OpenAIError(400, "seed is not supported by this model's Azure ML endpoint (its scoring script "
+                              "takes no seed); leave it out.", param="seed", code="unsupported_parameter")
+        answer = self._forward(target.url, target.key, openai_to_seed(request), target.headers)
+        if answer.status != 200:
+            return answer
+        completion = seed_to_openai(answer.body, request)
+        if not request.stream:
+            return ScoreResponse(200, completion)
+        return ChatStream(_as_events(completion))
+
+    def _open_stream(self, url: str, key: str, request: dict, headers: dict | None = None) -> "ScoreResponse | ChatStream":
+        """The endpoint's Server-Sent Events, passed on as they arrive; an error before the stream starts is
+        answered as :meth:`_forward` answers it."""
+        import httpx
+
+        outgoing = self.client.build_request("POST", url, json=request,
+                                             headers={**(headers or {}), "Authorization": f"Bearer {key}"})
+        for attempt in (1, 2):
+            try:
+                reply = self.client.send(outgoing, stream=True)
+                break
+            except httpx.TimeoutException:
+                return ScoreResponse(504, {"error": "The endpoint did not answer in time."}, {"Retry-After": "10"})
+            except httpx.TransportError:
+                if attempt == 2:
+                    return ScoreResponse(503, {"error": "The endpoint is not reachable."}, {"Retry-After": "30"})
+        if reply.status_code != 200 or not reply.headers.get("content-type", "").startswith("text/event-stream"):
+            try:
+                reply.read()
+            finally:
+                reply.close()
+            return self._answer_of(reply)
+
+        def relay():
+            try:
+                yield from reply.iter_raw()
+            except httpx.HTTPError as exc:  # the endpoint went away mid-stream: say so in the stream, as OpenAI does
+                log.warning("stream from the endpoint broke off: %s", type(exc).__name__)
+                error = OpenAIError(502, "The endpoint's stream broke off.", code="stream_broken")
+                yield f"data: {json.dumps(error.body())}\n\n".encode()
+
+        return ChatStream(relay(), reply.close)
 
     def _forward(self, url: str, key: str, request: dict, headers: dict | None = None) -> ScoreResponse:
         import httpx
@@ -174,6 +278,11 @@ class Scorer:
                 # once more, on a fresh connection; a second failure means the endpoint is not there.
                 if attempt == 2:
                     return ScoreResponse(503, {"error": "The endpoint is not reachable."}, {"Retry-After": "30"})
+        return self._answer_of(reply)
+
+    def _answer_of(self, reply) -> ScoreResponse:
+        """The endpoint's answer (read whole) as this app's: its JSON on 200, else a status and error that say
+        what to do, never the endpoint's own internals."""
         if reply.status_code == 200:
             try:
                 return ScoreResponse(200, reply.json())
@@ -212,22 +321,22 @@ class Scorer:
 SEED_PARAMETERS = {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 200}
 
 
-def openai_to_seed(request: dict) -> dict:
+def openai_to_seed(request: ChatRequest) -> dict:
     """An OpenAI chat-completions request as the seed's Azure ML request."""
     parameters = dict(SEED_PARAMETERS)
-    for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("max_new_tokens", "max_tokens"),
-                         ("max_new_tokens", "max_completion_tokens")):
-        if isinstance(request.get(theirs), (int, float)) and not isinstance(request.get(theirs), bool):
-            parameters[ours] = request[theirs]
+    for ours, value in (("temperature", request.temperature), ("top_p", request.top_p),
+                        ("max_new_tokens", request.max_tokens)):
+        if value is not None:
+            parameters[ours] = value
     if parameters.get("temperature") == 0:
         parameters["do_sample"] = False
     # The seed's own shape: a list holding the one conversation (shared/chat.py).
-    return {"input_data": {"input_string": [messages(request["messages"], "messages")], "parameters": parameters},
-            "params": {}}
+    return {"input_data": {"input_string": [request.messages], "parameters": parameters}, "params": {}}
 
 
-def seed_to_openai(answer, request: dict) -> dict:
-    """The Azure ML endpoint's answer (`{"output": text}`, or `[{"0": text}]`) as an OpenAI chat completion."""
+def seed_to_openai(answer, request: ChatRequest) -> dict:
+    """The Azure ML endpoint's answer (`{"output": text}`, or `[{"0": text}]`) as an OpenAI chat completion,
+    cut at the request's first stop sequence."""
     import uuid
 
     if isinstance(answer, dict) and "output" in answer:
@@ -236,9 +345,41 @@ def seed_to_openai(answer, request: dict) -> dict:
         text = next(iter(answer[0].values()), "")
     else:
         text = answer
+    text, _ = cut_at_stop(str(text), request.stop)
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": str(request.get("model") or "tunedrop"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": str(text)}, "finish_reason": "stop"}]}
+            "model": request.model or "tunedrop",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+
+
+class ChatStream:
+    """A streamed chat completion: Server-Sent Events as bytes, passed on as they come; ``close()`` lets the
+    endpoint go (also when the client hangs up part-way)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: Iterator[bytes], close: Callable[[], None] = lambda: None):
+        self._events = events
+        self._close = close
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._events
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        close, self._close = self._close, lambda: None
+        close()
+
+
+def _as_events(completion: dict) -> Iterator[bytes]:
+    """A whole completion as the chunks OpenAI would have streamed: the role, the text, the finish, [DONE]."""
+    choice = completion["choices"][0]
+    head = {k: completion[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+    for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": choice["message"]["content"]}, None),
+                          ({}, choice["finish_reason"])):
+        yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n".encode()
+    yield b"data: [DONE]\n\n"
 
 
 def _error_body(reply, default: str) -> dict:
@@ -250,8 +391,8 @@ def _error_body(reply, default: str) -> dict:
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("error"), str):
         return {"error": default}
-    given = data.get("code")
-    return {"error": data["error"][:2000], **({"code": given} if isinstance(given, str) else {})}
+    extra = {k: data[k] for k in ("code", "field") if isinstance(data.get(k), str)}
+    return {"error": data["error"][:2000], **extra}
 
 
 _scorers: dict[int, Scorer] = {}

@@ -76,6 +76,13 @@ class Settings:
         "Keep it in Key Vault in Azure.",
         "TUNEDROP_WEBHOOK_SECRET",
     )
+    api_keys: str = _setting(
+        "",
+        "Keys of the OpenAI-compatible routes (`/api/v1`, `Authorization: Bearer` or `api-key`), as comma-separated "
+        "`name:sha256` entries: each key's SHA-256, never the key (`tunedrop keys new NAME` makes one). Empty: "
+        "`/api/v1` answers 401. `tunedrop up` admits its function key as `local`.",
+        "TUNEDROP_API_KEYS",
+    )
     webhook_timeout_s: float = _setting(10.0, "Seconds to wait for a webhook receiver.", "TUNEDROP_WEBHOOK_TIMEOUT_S")
     webhook_attempts: int = _setting(
         6, "Deliveries tried per webhook before it is parked in `<queue>-poison`.", "TUNEDROP_WEBHOOK_ATTEMPTS"
@@ -424,6 +431,12 @@ class Settings:
                 raise SettingsError(f"{env}={value} must be at least {low}.")
         if not self.generation_timeout_s > 0:
             raise SettingsError(f"TUNEDROP_GENERATION_TIMEOUT_S={self.generation_timeout_s:g} must be above 0.")
+        from shared.api_keys import ApiKeysError, parse
+
+        try:
+            parse(self.api_keys)
+        except ApiKeysError as exc:
+            raise SettingsError(str(exc)) from None
         if self.webhook_urls and not self.webhook_secret.startswith("whsec_"):
             raise SettingsError(
                 "TUNEDROP_WEBHOOK_URLS is set but TUNEDROP_WEBHOOK_SECRET is missing or lacks the "

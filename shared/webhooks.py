@@ -189,6 +189,7 @@ class Outbox:
         delay = backoff_s(message.attempt, self._settings.webhook_backoff_s)
         retry = message.again(attempt=message.attempt + 1, last_error=error)
         self._queue_client().send_message(retry.to_json(), visibility_timeout=delay)
+        DeliveryLedger(self._settings, self._storage).pending(message, error)
         return delay
 
     def hold(self, message: OutboxMessage) -> int:
@@ -200,7 +201,7 @@ class Outbox:
         """Keep an undeliverable webhook in `<queue>-poison`, visible to operators, never dropped."""
         poison = self._storage.ensure_queue(f"{self._settings.webhook_queue}-poison")
         poison.send_message(message.again(last_error=error).to_json())
-        DeliveryLedger(self._settings, self._storage).done(message)
+        DeliveryLedger(self._settings, self._storage).parked(message, error)
 
 
 #: Seconds a webhook held back for an earlier one waits before it is looked at again.
@@ -208,10 +209,14 @@ HOLD_S = 2
 
 
 class DeliveryLedger:
-    """The webhooks of each run queued and not yet delivered (or parked), per receiver, so that `notify`
-    can hold a later one back. Rows in the runs table under partition ``webhooks-<run_id>`` (run records
-    live in another partition): ``<receiver key>-<sequence>-<webhook id>``; the receiver's URL itself is
-    never stored (it may carry a token)."""
+    """Each run's webhooks, per receiver, and where their delivery is: ``pending`` (queued, or failed and to be
+    tried again, with the last error), ``delivered`` or ``parked`` (in the poison queue). `notify` holds a
+    later webhook back while an earlier one is pending; the status page shows them all. Rows in the runs table
+    under partition ``webhooks-<run_id>`` (run records live in another partition):
+    ``<receiver key>-<sequence>-<webhook id>``; of the receiver only its scheme and host are stored, never its
+    URL (its path or query may carry a token)."""
+
+    PENDING, DELIVERED, PARKED = "pending", "delivered", "parked"
 
     def __init__(self, settings, storage=None):
         from shared.storage import default_storage
@@ -224,8 +229,9 @@ class DeliveryLedger:
         return self._storage.table_service.get_table_client(self._settings.runs_table)
 
     @staticmethod
-    def _partition(message: OutboxMessage) -> str:
-        return f"webhooks-{message.run_id}"
+    def _partition(message_or_run_id) -> str:
+        run_id = message_or_run_id if isinstance(message_or_run_id, str) else message_or_run_id.run_id
+        return f"webhooks-{run_id}"
 
     @staticmethod
     def _receiver(message: OutboxMessage) -> str:
@@ -234,36 +240,53 @@ class DeliveryLedger:
     def _row(self, message: OutboxMessage) -> str:
         return f"{self._receiver(message)}-{message.sequence:08d}-{message.id}"
 
-    def pending(self, message: OutboxMessage) -> None:
+    def _record(self, message: OutboxMessage, status: str, **fields) -> None:
         from azure.core.exceptions import ResourceNotFoundError
 
-        entity = {"PartitionKey": self._partition(message), "RowKey": self._row(message), "type": message.payload["type"]}
+        entity = {"PartitionKey": self._partition(message), "RowKey": self._row(message), "type": message.payload["type"],
+                  "sequence": message.sequence, "receiver": _host(message.url), "status": status,
+                  "attempt": message.attempt, "at": datetime.now(timezone.utc).isoformat(), **fields}
         try:
             self._table.upsert_entity(entity)
         except ResourceNotFoundError:  # the table is made with the first run; made here if it is not there yet
             self._storage.table_service.create_table_if_not_exists(self._settings.runs_table)
             self._table.upsert_entity(entity)
 
+    def pending(self, message: OutboxMessage, error: str = "") -> None:
+        self._record(message, self.PENDING, error=error[:500])
+
+    def delivered(self, message: OutboxMessage, http_status: int) -> None:
+        self._record(message, self.DELIVERED, http_status=http_status, error="")
+
+    def parked(self, message: OutboxMessage, error: str) -> None:
+        self._record(message, self.PARKED, error=error[:500])
+
     def earlier_pending(self, message: OutboxMessage) -> list[str]:
         """The types of this run's webhooks for the same receiver, earlier in sequence, not yet delivered."""
         receiver = self._receiver(message)
-        query = ("PartitionKey eq @partition and RowKey ge @first and RowKey lt @mine")
+        query = "PartitionKey eq @partition and RowKey ge @first and RowKey lt @mine"
         parameters = {"partition": self._partition(message), "first": f"{receiver}-",
                       "mine": f"{receiver}-{message.sequence:08d}-"}
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
-            return [e["type"] for e in self._table.query_entities(query, parameters=parameters, select=["type"])]
+            rows = self._table.query_entities(query, parameters=parameters, select=["type", "status"])
+            # a row without a status was written before statuses were kept: pending, as it was then
+            return [e["type"] for e in rows if e.get("status", self.PENDING) == self.PENDING]
         except ResourceNotFoundError:  # no table yet: nothing was ever queued through the ledger
             return []
 
-    def done(self, message: OutboxMessage) -> None:
+    def of_run(self, run_id: str) -> list[dict[str, Any]]:
+        """Every webhook of the run and where its delivery is, in sequence order."""
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
-            self._table.delete_entity(self._partition(message), self._row(message))
+            rows = list(self._table.query_entities("PartitionKey eq @p", parameters={"p": self._partition(run_id)}))
         except ResourceNotFoundError:
-            pass
+            return []
+        shown = [{k: row.get(k) for k in ("type", "sequence", "receiver", "status", "attempt", "at", "http_status",
+                                          "error") if row.get(k) not in (None, "")} for row in rows]
+        return sorted(shown, key=lambda r: (r.get("sequence") or 0, r.get("at") or ""))
 
 
 def deliver(message: OutboxMessage, secret: str, timeout_s: float = 10.0, client=None,

@@ -1,5 +1,9 @@
 """The app's functions by name, as the Functions host indexes them from `function_app.app`."""
 
+import asyncio
+import inspect
+import json
+from dataclasses import dataclass
 from functools import lru_cache
 
 import azure.functions as func
@@ -15,7 +19,61 @@ def _index() -> dict:
 
 
 def handler(name: str):
-    return _index()[name]
+    """The function called ``name``; an HTTP one is wrapped to be called as the worker calls it (a request from
+    :func:`http_request`, the response run to its end) and to return an :class:`Answer`."""
+    function = _index()[name]
+    if not inspect.iscoroutinefunction(function):
+        return function
+
+    def call(request) -> Answer:
+        return answer_of(asyncio.run(function(request)))
+
+    return call
+
+
+def http_request(method: str, url: str, route_params: dict | None = None, body: bytes = b"",
+                 headers: dict | None = None):
+    """The FastAPI request the worker gives an HTTP function (HTTP streams are on for the app)."""
+    from urllib.parse import urlsplit
+
+    from tunedrop.host.http_streams import build_request
+
+    parts = urlsplit(url)
+    return build_request(method, parts.path or "/", parts.query, list((headers or {}).items()), body,
+                         route_params or {})
+
+
+@dataclass
+class Answer:
+    """A response as a client receives it."""
+
+    status_code: int
+    headers: dict
+    body: bytes
+
+    def get_body(self) -> bytes:
+        return self.body
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def answer_of(value) -> Answer:
+    """A function's response run to its end (a stream read whole), as the host sends it."""
+    import httpx
+
+    from tunedrop.host.http_streams import as_response, build_request, send
+
+    got: dict = {"body": b""}
+
+    def start(status, headers):
+        got.update(status=status, headers=httpx.Headers(headers))  # case-insensitive, as a client reads them
+
+    def write(piece):
+        got["body"] += piece
+
+    send(as_response(value), build_request("GET", "/", "", [], b"", {}), start, write)
+    return Answer(got["status"], got["headers"], got["body"])
 
 
 def queued_run_events() -> list[QueueMessage]:

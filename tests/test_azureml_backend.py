@@ -404,7 +404,7 @@ def test_scoring_target_uses_the_key_cached_with_an_expiry(backend, transport):
 def test_score_sends_the_seed_request_with_the_key_and_maps_endpoint_failures(backend, transport, settings):
     import httpx
 
-    from shared.scoring import OPENAI_FORMAT, Scorer
+    from shared.scoring import Scorer
 
     pipeline = Pipeline(settings, backend=backend)
     run = submitted(pipeline, settings)
@@ -428,7 +428,7 @@ def test_score_sends_the_seed_request_with_the_key_and_maps_endpoint_failures(ba
     scorer = Scorer(pipeline)
     scorer._client = httpx.Client(transport=httpx.MockTransport(endpoint_app))
     body = json.dumps({"messages": [{"role": "user", "content": "Capital of Norway?"}], "max_tokens": 50}).encode()
-    reply = scorer.score(run.run_id, body, OPENAI_FORMAT)
+    reply = scorer.chat(body, run.run_id)
     assert reply.status == 200 and reply.body["choices"][0]["message"]["content"] == "Oslo."
     (request,) = seen
     assert str(request.url) == f"https://{ep}.westus.inference.ml.azure.com/score"
@@ -437,16 +437,28 @@ def test_score_sends_the_seed_request_with_the_key_and_maps_endpoint_failures(ba
     assert json.loads(request.content) == {"input_data": {
         "input_string": [[{"role": "user", "content": "Capital of Norway?"}]],
         "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 50}}, "params": {}}
+    # An Azure ML endpoint answers whole: a stream is that answer as one chunk; a stop sequence is cut here;
+    # a seed it cannot take is refused by name, before any call.
+    answers[:] = [httpx.Response(200, json={"output": "Oslo. It is in Norway."})]
+    streamed = scorer.chat(json.dumps({**json.loads(body), "stream": True, "stop": ". It"}).encode(), run.run_id)
+    events = b"".join(streamed).decode().split("\n\n")
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert events[-2:] == ["data: [DONE]", ""] and [c["object"] for c in chunks] == ["chat.completion.chunk"] * 3
+    assert [c["choices"][0]["delta"].get("content") for c in chunks] == ["", "Oslo", None]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    seeded = scorer.chat(json.dumps({**json.loads(body), "seed": 1}).encode(), run.run_id)
+    assert seeded.status == 400 and seeded.body["error"]["param"] == "seed" and len(seen) == 2
     answers[:] = [httpx.Response(429, headers={"Retry-After": "7"}), httpx.Response(503),
                   httpx.ReadTimeout("slow"), httpx.Response(500)]
-    got = [scorer.score(run.run_id, body, OPENAI_FORMAT) for _ in range(4)]
+    got = [scorer.chat(body, run.run_id) for _ in range(4)]
     assert [(r.status, r.headers.get("Retry-After")) for r in got] == [(429, "7"), (503, "10"), (504, "10"), (502, "10")]
+    assert [r.body["error"]["type"] for r in got] == ["rate_limit_error"] + ["server_error"] * 3  # OpenAI's shape
     assert len(transport.calls("POST", r"/listKeys")) == 1  # the key is cached
     # A connection that breaks before any answer (a stale keep-alive) is tried once more; twice is 503.
     answers[:] = [httpx.ReadError("connection reset"), httpx.Response(200, json={"output": "Oslo."}),
                   httpx.ConnectError("refused"), httpx.ConnectError("refused")]
-    assert scorer.score(run.run_id, body, OPENAI_FORMAT).status == 200
-    assert scorer.score(run.run_id, body, OPENAI_FORMAT).status == 503 and answers == []
+    assert scorer.chat(body, run.run_id).status == 200
+    assert scorer.chat(body, run.run_id).status == 503 and answers == []
 
 
 # ---- the real thing (opt-in) -----------------------------------------------------------------------------

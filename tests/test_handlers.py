@@ -18,7 +18,7 @@ from shared.runs import Run
 from shared.settings import Settings
 from shared.storage import default_storage
 from shared.webhooks import OutboxMessage, new_secret, webhook_id
-from tests.handlers import deliver_run_event, handler, queued_run_events
+from tests.handlers import deliver_run_event, handler, http_request, queued_run_events
 from tests.receiver import Receiver
 
 WORKSPACE = Settings().workspace_id
@@ -239,9 +239,8 @@ def test_job_events_tolerates_pascal_case_keys_and_non_run_events(app_env):
     deliver_run_event(other)  # acknowledged, not raised
 
 
-def http(method: str, url: str, route_params: dict, body: bytes = b"") -> func.HttpRequest:
-    return func.HttpRequest(method, url, headers={"content-type": "application/json"}, params={},
-                            route_params=route_params, body=body)
+def http(method: str, url: str, route_params: dict, body: bytes = b""):
+    return http_request(method, url, route_params, body, {"content-type": "application/json"})
 
 
 def test_score_answers_clearly_when_it_cannot_score(app_env):

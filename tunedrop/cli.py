@@ -109,6 +109,8 @@ def up(port: int, verbose: bool):
     host = LocalHost(app, environ=env, port=port, root=PROJECT_ROOT, state_dir=state_dir)
     host.start()
     click.echo(f"Functions host on http://127.0.0.1:{port} ({len(app.get_functions())} functions).")
+    click.echo(f"OpenAI-compatible API: base_url http://127.0.0.1:{port}/api/v1, api_key from `tunedrop keys local`.")
+    click.echo(f"Status page: http://127.0.0.1:{port}/api/status#key={host.function_key}")
     click.echo("Drop a dataset: tunedrop drop FILE   |   follow it: tunedrop status   |   Ctrl-C stops.")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the same way on SIGTERM as on Ctrl-C
     try:
@@ -129,7 +131,9 @@ def up(port: int, verbose: bool):
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="Blob name in the training container (default: the file's name).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def drop(file: Path, name: str | None, overrides: tuple[str, ...]):
+@click.option("--wait", is_flag=True, help="Follow the run until it serves (or stops), with a progress bar.")
+@click.option("--timeout", "timeout_s", default=3600.0, show_default=True, help="With --wait: give up after seconds.")
+def drop(file: Path, name: str | None, overrides: tuple[str, ...], wait: bool, timeout_s: float):
     """Upload FILE into the training container; prints the run id it becomes.
 
     A sidecar FILE.tunedrop.json beside it goes up first. Half of a train/test pair
@@ -175,7 +179,44 @@ def drop(file: Path, name: str | None, overrides: tuple[str, ...]):
         upload(test, names[test])
     result = upload(train, names[train], metadata)
     run_id = run_id_for(settings.training_container, names[train], result["etag"])
-    click.echo(f"Run id: {run_id}   (follow it: tunedrop status {run_id})")
+    if not wait:
+        click.echo(f"Run id: {run_id}   (follow it: tunedrop status {run_id})")
+        return
+    click.echo(f"Run id: {run_id}")
+    _wait_for(run_id, timeout_s)
+
+
+def _wait_for(run_id: str, timeout_s: float) -> None:
+    """Follow the run to its end; exit 0 deployed, 1 stopped (rejected, failed, canceled, gated), 2 timed out."""
+    from tunedrop.follow import follow
+
+    client = _client()
+    try:
+        run = _api(lambda: follow(client, run_id, click.echo, interactive=sys.stdout.isatty(), timeout_s=timeout_s))
+    except TimeoutError as exc:
+        click.echo(f"Still going: {exc}. Follow it with `tunedrop status {run_id}`.", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo(f"\nStopped following; the run goes on: tunedrop status {run_id}", err=True)
+        sys.exit(130)
+    if run["state"] == "deployed":
+        gate = run.get("gate") or {}
+        if gate.get("measured"):
+            from shared.pipeline.gate import describe
+
+            click.echo(describe(gate))
+        click.echo(f"Deployed: {run['model_name']}:{run['model_version']} on endpoint {run['endpoint_name']}.")
+        click.echo(f"Ask it:   tunedrop score {run_id} \"What is the capital of Italy?\"")
+        click.echo(f"Or with any OpenAI client: base_url {client.base_url}/api/v1, model \"{run_id}\", "
+                   "api_key from `tunedrop keys local`.")
+        return
+    if run["state"] == "registered":
+        from shared.pipeline.gate import describe
+
+        click.echo(f"Held back: {describe(run.get('gate') or {})}. Deploy it anyway: tunedrop deploy {run_id} --force")
+    else:
+        click.echo(f"Run {run['state']}: {run.get('error') or '(no error recorded)'}", err=True)
+    sys.exit(1)
 
 
 @cli.command()
@@ -190,6 +231,10 @@ def status(run_id: str | None, as_json: bool):
             click.echo(json.dumps(run, indent=2))
             return
         click.echo(f"{_shown(run['run_id'])}: {run['state']}")
+        if run["state"] in ("received", "validating", "submitted", "running", "deploying"):
+            from shared.pipeline.progress import describe as describe_progress
+
+            click.echo(f"  now: {describe_progress(_api(lambda: client.progress(run_id)))}")
         for key in ("dataset_blob", "job_name", "model_name", "model_version", "endpoint_name", "error"):
             if run.get(key):
                 click.echo(f"  {key}: " + "\n    ".join(_shown(line) for line in str(run[key]).split("\n")))
@@ -386,6 +431,42 @@ def settings(markdown: bool, training: bool):
         from shared.settings import describe
 
         _table("Setting", describe(), markdown)
+
+
+@cli.group()
+def keys():
+    """API keys of the OpenAI-compatible routes (/api/v1): TUNEDROP_API_KEYS holds their SHA-256, never a key."""
+
+
+@keys.command("new")
+@click.argument("name")
+def keys_new(name: str):
+    """Make a key named NAME: prints the key (give it to the client, once) and its TUNEDROP_API_KEYS entry.
+
+    Rotate by adding the new entry to TUNEDROP_API_KEYS (comma-separated), moving clients over, then
+    removing the old entry."""
+    from shared.api_keys import ApiKeysError, entry, new_key
+
+    key = new_key()
+    try:
+        line = entry(name, key)
+    except ApiKeysError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
+    click.echo(f"key:   {key}")
+    click.echo(f"entry: {line}")
+    click.echo("Add the entry to TUNEDROP_API_KEYS (azd env set TUNEDROP_API_KEYS ...; azd provision). The key is "
+               "shown only now.", err=True)
+
+
+@keys.command("local")
+def keys_local():
+    """Print the local host's key: `api_key` of an OpenAI client against `tunedrop up` (and its function key)."""
+    from tunedrop.client import host_keys
+
+    key = host_keys(_settings().state_dir).get("functionKey")
+    if not key:
+        raise click.ClickException("No local key yet: `tunedrop up` makes one on its first start.")
+    click.echo(key)
 
 
 @cli.command()

@@ -55,6 +55,9 @@ class ApiClient:
     def run(self, run_id: str) -> dict:
         return self._call("GET", f"/api/runs/{run_id}")
 
+    def progress(self, run_id: str) -> dict:
+        return self._call("GET", f"/api/runs/{run_id}/progress")
+
     def retry(self, run_id: str) -> dict:
         return self._call("POST", f"/api/runs/{run_id}/retry")
 

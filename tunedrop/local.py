@@ -12,6 +12,15 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_SWEEP_SCHEDULE = "*/10 * * * * *"
 
 
+def local_api_keys(state_dir: Path) -> str:
+    """TUNEDROP_API_KEYS admitting the local host's function key as ``local``: one key for every route locally
+    (``x-functions-key`` for /api/runs, ``Authorization: Bearer`` for the OpenAI-compatible /api/v1)."""
+    from shared.api_keys import entry
+    from tunedrop.host.config import load_or_create_keys
+
+    return entry("local", load_or_create_keys(Path(state_dir))["functionKey"])
+
+
 def embedded_environment(connection_string: str, *, state_dir: Path, port: int = 7071,
                          base: dict[str, str] | None = None) -> dict[str, str]:
     """App settings for the local host: Azurite, the local backend, events posted back to the host.
@@ -31,6 +40,7 @@ def embedded_environment(connection_string: str, *, state_dir: Path, port: int =
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    env["TUNEDROP_API_KEYS"] = local_api_keys(state_dir)
     env.update({k: v for k, v in base.items() if k.startswith(("TUNEDROP_", "MLFLOW_", "HF_"))})
     env.update({k: v for k, v in binding_environment(Settings.from_env(env)).items() if k not in env})
     return env

@@ -42,7 +42,7 @@ def faults_markdown() -> str:
 
 def failures_markdown() -> str:
     """docs/run-failures.md: every code a run can be refused or fail with, from shared.failures."""
-    from shared.failures import FAILURES, REJECTIONS, SERVER_ANSWERS
+    from shared.failures import API_ANSWERS, FAILURES, REJECTIONS, SERVER_ANSWERS
 
     return code_page("Run failures", "shared/failures.py", [
         "A failed run's `error_code` (and its `run.failed` webhook's `code`) is one of these; a dataset is",
@@ -51,7 +51,8 @@ def failures_markdown() -> str:
         "`OutOfCapacity`, `ResourceNotReady`, `BadArgument`, ..., each known one with its fix in the run's",
         "error) and `http_<status>` for an Azure answer without a code. Most failures can be retried",
         "(`tunedrop retry RUN_ID`) once their cause is mended.",
-    ], {"Rejections": REJECTIONS, "Failures": FAILURES, "Scoring answers of a local model server": SERVER_ANSWERS})
+    ], {"Rejections": REJECTIONS, "Failures": FAILURES, "Scoring answers of a local model server": SERVER_ANSWERS,
+        "Answers of the OpenAI-compatible API (`code` in OpenAI's error shape)": API_ANSWERS})
 
 
 def limits_markdown() -> str:

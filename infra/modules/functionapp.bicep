@@ -20,6 +20,8 @@ param appInsightsConnectionString string
 @description('Versionless Key Vault secret URI of the webhook secret, or empty.')
 param webhookSecretUri string
 param webhookUrls string
+@description('name:sha256 entries of the /api/v1 keys (hashes, not secrets).')
+param apiKeys string
 param baseModel string
 param workspaceId string
 param computeName string
@@ -50,6 +52,7 @@ var tunedropSettings = {
   TUNEDROP_JOB_EVENTS_QUEUE: jobEventsQueue
   TUNEDROP_WEBHOOK_URLS: webhookUrls
   TUNEDROP_WEBHOOK_SECRET: empty(webhookSecretUri) ? '' : '@Microsoft.KeyVault(SecretUri=${webhookSecretUri})'
+  TUNEDROP_API_KEYS: apiKeys
   TUNEDROP_WEBHOOK_TIMEOUT_S: '10.0'
   TUNEDROP_WEBHOOK_ATTEMPTS: '6'
   TUNEDROP_WEBHOOK_BACKOFF_S: '10.0'
@@ -119,6 +122,9 @@ var platformSettings = {
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
   // The same identity's client id for DefaultAzureCredential in azure-ai-ml / azure-identity.
   AZURE_CLIENT_ID: identityClientId
+  // HTTP streams (azurefunctions-extensions-http-fastapi): the worker indexes the app at start-up, where it
+  // sees the extension and turns streaming on for every HTTP function.
+  PYTHON_ENABLE_INIT_INDEXING: '1'
 }
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {

@@ -82,6 +82,10 @@ class Backend(Protocol):
     def cancel_job(self, job_name: str) -> None:
         """Begin stopping a job, never waiting; a job that has ended or does not exist is not an error."""
 
+    def job_progress(self, job_name: str) -> dict:
+        """Where a job is, for people following it: its ``phase``, and what the platform tells (locally the step,
+        loss curve and time left; Azure ML the job's studio page). Empty when nothing is known."""
+
     def register_model(self, run: "Run") -> ModelRef:
         """Register the job's output model with lineage to the run; the same version on a repeated call."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
@@ -35,6 +36,28 @@ _UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\xad\ud800-\udfff\ufffe\uffff\u20
 #: A '.' or '..' path segment: URL clients resolve it away, so the blob cannot be read by its URL, and
 #: with a token (no signed path) the request could reach another blob.
 _DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.{1,2}(?:[/\\]|$)")
+
+
+class ValidationProgress:
+    """Bytes read so far by validation, recorded on the run (``validated_bytes``) every few seconds for people
+    following it; recording is best effort and never slows or fails the validation."""
+
+    EVERY_S = 2.0
+
+    def __init__(self, store, run_id: str):
+        self.store, self.run_id = store, run_id
+        self.bytes = 0
+        self._recorded = time.monotonic()
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.bytes += len(chunk)
+        if time.monotonic() - self._recorded >= self.EVERY_S:
+            self._recorded = time.monotonic()
+            try:
+                self.store.update(self.run_id, validated_bytes=self.bytes)
+            except Exception as exc:  # noqa: BLE001 - informative only
+                log.info("run %s: validation progress not recorded: %s", self.run_id, exc)
+        return chunk
 
 
 def blob_name_problem(name: str, max_chars: int) -> str | None:
@@ -126,10 +149,11 @@ class Ingest(Steps):
             return run
         try:
             content = hashlib.sha256()
+            read = ValidationProgress(self.store, run_id)
 
             def chunks(client, version):
                 stream = client.download_blob(etag=version, match_condition=MatchConditions.IfNotModified)
-                return (content.update(chunk) or chunk for chunk in stream.chunks())
+                return (read(content.update(chunk) or chunk) for chunk in stream.chunks())
 
             if claimed.test_blob:
                 test = test or self.storage.blob_service.get_blob_client(container, claimed.test_blob)

@@ -81,7 +81,7 @@ class LocalHost:
             function_timeout_s=timeout)
         self.functions = {spec.name: spec for spec in index_functions(app, functions)}
         self.routes = sort_routes([Route(s, self.config.route_prefix) for s in self.functions.values() if s.kind == HTTP])
-        self.http_streams = http_streams.enabled()
+        self.http_streams = http_streams.uses_streams([route.spec.param_type for route in self.routes])
         if self.http_streams:
             for route in self.routes:
                 http_streams.check_function(route.spec.name, route.spec.param_type)

@@ -24,13 +24,16 @@ from tunedrop.host.config import HostConfigError
 EXTENSION = "azurefunctions.extensions.http.fastapi"
 
 
-def enabled() -> bool:
-    """Whether the app has turned HTTP streams on (imported the extension), as the worker decides it."""
+def uses_streams(param_types: list[Any]) -> bool:
+    """Whether an app has HTTP streams on: the worker asks whether the extension is imported in its process,
+    which serves one app; this process may host several (the tests'), so an app is taken to have them on when
+    any of its HTTP functions takes the extension's Request, and then all must (HostConfigError names one
+    that does not)."""
     if EXTENSION not in sys.modules:
         return False
-    from azurefunctions.extensions.base import HttpV2FeatureChecker
+    from azurefunctions.extensions.base import RequestTrackerMeta
 
-    return HttpV2FeatureChecker.http_v2_enabled()
+    return any(RequestTrackerMeta.check_type(t) for t in param_types)
 
 
 def check_function(name: str, param_type: Any) -> None:

@@ -188,6 +188,14 @@ class JobSteps(AzureMLClients):
             return JobInfo(job_name, status, error=self.job_error(job_name, status, getattr(job, "studio_url", "")))
         return JobInfo(job_name, status)
 
+    def job_progress(self, job_name: str) -> dict:
+        """The job's status and its Azure ML studio page, where its steps and metric curves are (this app reads
+        the metrics once the job has ended, see :meth:`job_metrics`)."""
+        job = self._existing_job(job_name)
+        if job is None:
+            return {}
+        return {"phase": str(job.status or "").lower(), "studio_url": getattr(job, "studio_url", "") or ""}
+
     def cancel_job(self, job_name: str) -> None:
         """`jobs.begin_cancel`: Azure ML answers 202 and cancels the job and its child steps; the poller
         is not waited on. A job that has ended or is gone is left as it is."""

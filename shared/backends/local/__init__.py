@@ -64,7 +64,19 @@ def _write_json(path: Path, data: dict, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-def _alive(pid: int | None) -> bool:
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: clock ticks since boot, /proc/<pid>/stat field 22), or None where
+    it cannot be read. A pid and this tell one process from a later one given the same pid: pids are reused
+    (this machine's pid_max is 32768), and a pid file outlives its process (a crash, a reboot)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int | None, started: str | None = None) -> bool:
+    """Whether process ``pid`` runs, and is the one that started at ``started`` when that is known."""
     if not pid:
         return False
     with contextlib.suppress(ChildProcessError, OSError):
@@ -75,22 +87,29 @@ def _alive(pid: int | None) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    return True
+    except PermissionError:  # someone else's process: alive, but is it the recorded one?
+        pass
+    return started is None or _started(pid) in (None, started)
 
 
-def _terminate(pid: int | None, grace_s: float = 10.0) -> None:
-    if not _alive(pid):
+def _terminate(pid: int | None, grace_s: float = 10.0, started: str | None = None) -> None:
+    """SIGTERM the process group of ``pid`` (the process it recorded, never a later one with its pid), then
+    SIGKILL if it lingers past ``grace_s``."""
+    if not _alive(pid, started):
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while _alive(pid) and time.monotonic() < deadline:
+    while _alive(pid, started) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(pid):
+    if _alive(pid, started):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+
+
+def _recorded(record: dict) -> tuple[int | None, str | None]:
+    """(pid, start time) of a process as a pid file records it."""
+    return record.get("pid"), record.get("started")
 
 
 @contextlib.contextmanager
@@ -155,8 +174,8 @@ class LocalBackend:
         job_dir.mkdir(parents=True, exist_ok=True)
         with _file_lock(job_dir / ".lock"):
             status = _read_json(job_dir / "status.json")
-            pid = _read_json(job_dir / "pid.json").get("pid")
-            if status.get("state") in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED) or _alive(pid):
+            if status.get("state") in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED) \
+                    or _alive(*_recorded(_read_json(job_dir / "pid.json"))):
                 log.info("job %s already exists (%s), not submitting again", job_name, status.get("state", "starting"))
                 return job_name
             spec = {
@@ -176,7 +195,7 @@ class LocalBackend:
             }
             _write_json(job_dir / "job.json", spec)
             pid = _spawn("shared.backends.local.trainer", [str(job_dir)], job_dir / "train.log")
-            _write_json(job_dir / "pid.json", {"pid": pid})
+            _write_json(job_dir / "pid.json", {"pid": pid, "started": _started(pid)})
         log.info("job %s submitted (trainer pid %d)", job_name, pid)
         return job_name
 
@@ -188,17 +207,22 @@ class LocalBackend:
         state = status.get("state")
         if state in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED):
             return JobInfo(job_name, state, error=status.get("error", ""), metrics=status.get("metrics", {}))
-        if not _alive(_read_json(job_dir / "pid.json").get("pid")):
+        if not _alive(*_recorded(_read_json(job_dir / "pid.json"))):
             return JobInfo(job_name, JobStatus.FAILED,
                            error=f"Trainer process exited without a result; see {job_dir / 'train.log'}.")
         return JobInfo(job_name, JobStatus.RUNNING, metrics=status.get("metrics", {}))
 
+    def job_progress(self, job_name: str) -> dict:
+        """The trainer's ``progress.json``: phase, step of total_steps, loss so far and each step's, time left."""
+        return _read_json(self.jobs_dir / job_name / "progress.json")
+
     def cancel_job(self, job_name: str) -> None:
         """SIGTERM the trainer (it records Canceled and ends its MLflow run); SIGKILL if it lingers."""
-        pid = _read_json(self.jobs_dir / job_name / "pid.json").get("pid")
-        if _alive(pid):
+        pid, started = _recorded(_read_json(self.jobs_dir / job_name / "pid.json"))
+        if _alive(pid, started):
             log.info("job %s: stopping its trainer (pid %d)", job_name, pid)
-            threading.Thread(target=_terminate, args=(pid,), daemon=True).start()  # never wait on the grace period
+            threading.Thread(target=_terminate, args=(pid,), kwargs={"started": started},
+                             daemon=True).start()  # never wait on the grace period
 
     # ---- model registry (MLflow) --------------------------------------------------------------
 
@@ -256,7 +280,7 @@ class LocalBackend:
         ep_dir.mkdir(parents=True, exist_ok=True)
         with _file_lock(ep_dir / ".lock"):
             info = _read_json(ep_dir / "endpoint.json")
-            if info and _alive(info.get("pid")):
+            if info and _alive(*_recorded(info)):
                 return endpoint
             key_file = ep_dir / "key"
             if not key_file.exists():
@@ -276,7 +300,8 @@ class LocalBackend:
                     "--concurrency", str(self.settings.server_concurrency),
                     "--queue", str(self.settings.server_queue)]
             pid = _spawn("shared.backends.local.server", args, ep_dir / "server.log")
-            _write_json(ep_dir / "endpoint.json", {"pid": pid, "port": port, "model_uri": model_uri, "run_id": run.run_id})
+            _write_json(ep_dir / "endpoint.json", {"pid": pid, "started": _started(pid), "port": port,
+                                                   "model_uri": model_uri, "run_id": run.run_id})
         log.info("endpoint %s: model server starting on port %d (pid %d)", endpoint, port, pid)
         return endpoint
 
@@ -288,7 +313,7 @@ class LocalBackend:
         state = _read_json(ep_dir / "state.json")
         if state.get("state") == "failed":
             return DeploymentInfo(DEPLOY_FAILED, error=state.get("error", "model server failed"), error_code="ServerFailed")
-        if not _alive(info.get("pid")):
+        if not _alive(*_recorded(info)):
             return DeploymentInfo(DEPLOY_FAILED, error=f"Model server exited; see {self.kept_log(endpoint_name)}.",
                                   error_code="ServerExited")
         if state.get("state") == "ready":
@@ -305,7 +330,8 @@ class LocalBackend:
     def delete_endpoint(self, endpoint_name: str) -> None:
         ep_dir = self.endpoints_dir / endpoint_name
         info = _read_json(ep_dir / "endpoint.json")
-        _terminate(info.get("pid"))
+        pid, started = _recorded(info)
+        _terminate(pid, started=started)
         if (ep_dir / "server.log").exists():
             self.logs_dir.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(OSError):
@@ -316,7 +342,8 @@ class LocalBackend:
     def stop_all(self) -> None:
         """Stop every trainer and model server under the state dir (the demo's and tests' clean-up)."""
         for pid_file in [*self.jobs_dir.glob("*/pid.json"), *self.endpoints_dir.glob("*/endpoint.json")]:
-            _terminate(_read_json(pid_file).get("pid"), grace_s=5)
+            pid, started = _recorded(_read_json(pid_file))
+            _terminate(pid, grace_s=5, started=started)
 
     def scoring_target(self, endpoint_name: str) -> ScoringTarget:
         ep_dir = self.endpoints_dir / endpoint_name

@@ -56,3 +56,37 @@ def post_event(url: str | None, event: dict[str, Any], attempts: int = 5, timeou
             delay *= 2
     log(f"event not delivered after {attempts} tries ({problem})")
     return False
+
+
+class Progress:
+    """``progress.json`` of a job, for people watching it (the status page, `tunedrop drop --wait`): the phase,
+    the step and its loss, every step's loss so far, and the time left at the pace so far. Written atomically,
+    at most every ``every_s`` seconds within a phase (a phase change is written at once)."""
+
+    #: Most loss points kept: past it every other one is dropped (the curve keeps its shape, the file stays small).
+    MAX_POINTS = 1000
+
+    def __init__(self, path: Path, every_s: float = 0.5):
+        self.path = path
+        self.every_s = every_s
+        self.state: dict[str, Any] = {"phase": "starting", "losses": [], "started_at": now()}
+        self._started = time.monotonic()
+        self._written = 0.0
+
+    def update(self, phase: str | None = None, loss_point: tuple[int, float] | None = None, **fields: Any) -> None:
+        changed = phase is not None and phase != self.state["phase"]
+        if phase is not None:
+            self.state["phase"] = phase
+        if loss_point is not None:
+            self.state["losses"].append([loss_point[0], round(loss_point[1], 5)])
+            if len(self.state["losses"]) > self.MAX_POINTS:
+                self.state["losses"] = self.state["losses"][::2]
+        self.state.update(fields)
+        elapsed = time.monotonic() - self._started
+        self.state["elapsed_s"] = round(elapsed, 1)
+        if changed or time.monotonic() - self._written >= self.every_s:
+            self._written = time.monotonic()
+            try:
+                write_json_atomic(self.path, {**self.state, "updated_at": now()})
+            except OSError as exc:  # watching is best effort: never fail the job for it
+                log(f"progress not written: {exc}")

@@ -45,7 +45,7 @@ from typing import Any, Sequence
 
 from shared.backends.local.examples import collate, encode_conversation, length_grouped_batches
 from shared.backends.local.job_data import Data, job_limits, load_data
-from shared.backends.local.reporting import log, now, post_event, write_json_atomic
+from shared.backends.local.reporting import Progress, log, now, post_event, write_json_atomic
 from shared.backends.local.steps import autocast, batch_loss_sum, evaluate, lr_factor, use_bf16
 from shared.events import RUN_ID_TAG, run_event
 from shared.training import TrainingConfig
@@ -70,6 +70,7 @@ class Job:
         self.started_at = now()
         self.mlflow_run_id: str | None = None
         self._poster: threading.Thread | None = None
+        self.progress = Progress(job_dir / "progress.json")
 
     def status(self, state: str, **fields: Any) -> None:
         write_json_atomic(
@@ -130,10 +131,13 @@ class Job:
     def train(self) -> dict[str, Any]:
         """Load the data, build the model, run the loop, save: the local counterpart of the pipeline job."""
         config = TrainingConfig().with_overrides(self.spec.get("config") or {}, source="job config")
+        self.progress.update("loading")
         data = load_data(self.spec, self.dir, config, job_limits(self.spec))
         model, tokenizer, train_set, test_set = self._build(config, data.train, data.evaluated)
         metrics = self._loop(config, model, tokenizer, train_set, test_set, data)
+        self.progress.update("saving")
         self._save(config, model, tokenizer)
+        self.progress.update("done", eval_loss=metrics.get("eval_loss"))
         log(f"train_runtime_s {metrics['train_runtime_s']:.1f} "
             f"train_tokens_per_second {metrics['train_tokens_per_second']:.0f}")
         return metrics
@@ -229,7 +233,9 @@ class Job:
         )
         metrics: dict[str, Any] = {"train_examples": data.train_examples, "test_examples": data.held_out,
                                    "eval_examples": len(test_set)}
+        self.progress.update("evaluating_base", total_steps=total_steps, step=0)
         initial = evaluate(model, eval_batches, bf16)
+        self.progress.update("training", eval_loss_initial=initial)
         if initial is not None:
             metrics["eval_loss_initial"] = initial
             mlflow.log_metric("eval_loss_initial", initial, step=0)
@@ -241,6 +247,7 @@ class Job:
         lengths = [len(ids) for ids, _ in train_set]
         step, tokens_seen, losses = 0, 0, []
         started = time.perf_counter()
+        self.progress.update("training")
         for _ in range(config.num_train_epochs):
             if step >= total_steps:
                 break
@@ -269,6 +276,10 @@ class Job:
                 window_tokens = sum(b.tokens for b in window)
                 rate = window_tokens / max(1e-9, time.perf_counter() - step_started)
                 mlflow.log_metrics({"train_loss": loss_total, "learning_rate": lr}, step=step)
+                spent = time.perf_counter() - started
+                self.progress.update(loss_point=(step, loss_total), step=step, loss=round(loss_total, 5),
+                                     tokens_per_s=round(tokens_seen / max(1e-9, spent)),
+                                     eta_s=round(spent / step * (total_steps - step), 1))
                 log(f"step {step}/{total_steps} loss {loss_total:.4f} lr {lr:.2e} {rate:.0f} tok/s")
         runtime = time.perf_counter() - started
         metrics.update(
@@ -281,6 +292,7 @@ class Job:
                 "train_tokens_per_second": tokens_seen / runtime if runtime > 0 else 0.0,
             }
         )
+        self.progress.update("evaluating", eta_s=0.0)
         final = evaluate(model, eval_batches, bf16)
         if final is not None:
             metrics["eval_loss"] = final
