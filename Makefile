@@ -31,7 +31,7 @@ browser:
 
 test: setup browser
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # checkov in its own venv: its pins (and its size) stay out of the app's. No network at scan time.
 LINT_VENV := .venv-lint

@@ -55,4 +55,8 @@ def model_cache(tmp_path_factory) -> Path:
         path = Path(configured).expanduser().resolve()
         path.mkdir(parents=True, exist_ok=True)
         return path
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one cache for all workers (conversion takes a file lock)
+        path = tmp_path_factory.getbasetemp().parent / "model-cache"
+        path.mkdir(exist_ok=True)
+        return path
     return tmp_path_factory.mktemp("model-cache")

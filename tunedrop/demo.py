@@ -23,6 +23,8 @@ DEMO_TRAINING = {"num_train_epochs": 2, "max_steps": 40, "max_seq_length": 128, 
                  "lora_r": 16, "lr_scheduler_type": "cosine", "test_fraction": 0.1}
 DEMO_IDLE_MINUTES = 0.25
 DEMO_SWEEP_SCHEDULE = "*/3 * * * * *"
+#: How often the demo prints a moving run's progress line.
+PROGRESS_EVERY_S = 4.0
 
 PHASES = (  # (label, from state, to state)
     ("validate + submit", "received", "submitted"),
@@ -166,6 +168,22 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
         deadline = time.monotonic() + timeout_s
         seen = {"received"}
         run = None
+        follower = ApiClient(f"http://127.0.0.1:{port}", key=host.function_key)
+        shown = {"line": "", "at": 0.0}
+
+        def show_progress() -> None:
+            """While it trains or deploys, the run's progress line (tunedrop drop --wait's), every few seconds."""
+            from shared.pipeline.progress import describe as describe_progress
+
+            if time.monotonic() - shown["at"] < PROGRESS_EVERY_S:
+                return
+            try:
+                line = describe_progress(follower.progress(run_id))
+            except ApiError:
+                return
+            if line != shown["line"] and line not in tuple(runs.RunState):
+                _step(clock, f"  {line}")
+                shown.update(line=line, at=time.monotonic())
 
         def wait_until(target: str) -> runs.Run:
             nonlocal run
@@ -178,6 +196,8 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
                             seen.add(state)
                             entered[state] = time.monotonic()
                             _step(clock, f"run is {state}" + (f": {run.error}" if state in ("failed", "rejected") else ""))
+                    if run.state in (runs.SUBMITTED, runs.RUNNING, runs.DEPLOYING):
+                        show_progress()
                     if run.state == target:
                         return run
                     gate = run.gate or {}
