@@ -60,3 +60,17 @@ def model_cache(tmp_path_factory) -> Path:
         path.mkdir(exist_ok=True)
         return path
     return tmp_path_factory.mktemp("model-cache")
+
+
+#: Test files that take longest (`pytest --durations`), run first: with two workers taking a file at a time
+#: (`make test`), a long file started last would leave one worker idle at the end.
+LONGEST_FIRST = ("tests/test_demo.py", "tests/test_e2e.py", "tests/surfaces/", "tests/reliability/test_faults.py",
+                 "tests/local/test_server.py", "tests/local/test_models.py", "tests/reliability/test_storms.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if path.startswith(prefix)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the order within a file, and of the other files, is kept

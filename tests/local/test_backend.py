@@ -16,7 +16,7 @@ import pytest
 
 from shared import runs
 from shared.backends.base import BackendError, job_name_for
-from shared.backends.local import LocalBackend, _alive, _read_json
+from shared.backends.local import LocalBackend, _alive, _read_json, _started
 from shared.events import RUN_ID_TAG, RunEvent, run_event
 from shared.pipeline import Pipeline
 from shared.runs import Run
@@ -60,7 +60,7 @@ def training(backend, run) -> subprocess.Popen:
     job_dir.mkdir(parents=True)
     trainer = subprocess.Popen(["sleep", "120"], start_new_session=True)
     (job_dir / "job.json").write_text(json.dumps({"job_name": run.job_name, "run_id": run.run_id}))
-    (job_dir / "pid.json").write_text(json.dumps({"pid": trainer.pid}))
+    (job_dir / "pid.json").write_text(json.dumps({"pid": trainer.pid, "started": _started(trainer.pid)}))
     (job_dir / "status.json").write_text(json.dumps({"state": "Running", "pid": trainer.pid, "metrics": {}}))
     assert backend.get_job(run.job_name).status == "Running"
     return trainer
@@ -72,7 +72,8 @@ def stand_in_server(backend, run, endpoint: str, **state) -> subprocess.Popen:
     ep_dir = backend.endpoints_dir / endpoint
     ep_dir.mkdir(parents=True)
     server = subprocess.Popen(["sleep", "120"], start_new_session=True)
-    (ep_dir / "endpoint.json").write_text(json.dumps({"pid": server.pid, "port": 9, "run_id": run.run_id}))
+    (ep_dir / "endpoint.json").write_text(json.dumps({"pid": server.pid, "started": _started(server.pid), "port": 9,
+                                                      "run_id": run.run_id}))
     if state:
         (ep_dir / "state.json").write_text(json.dumps(state))
     return server
@@ -279,3 +280,22 @@ def test_a_model_better_than_its_base_by_the_margin_passes_the_gate(local):
                                 metrics={"eval_loss_initial": 2.85, "eval_loss": 1.62})
     deployed = pipeline.advance(run)
     assert deployed.state == runs.DEPLOYING and deployed.gate["passed"] is True
+
+
+def test_a_pid_recorded_for_a_process_that_ended_is_never_signalled_when_another_process_gets_it(tmp_path):
+    """pids are reused (pid_max is 32768 here): a record's start time tells its process from a later one."""
+    import os
+
+    from shared.backends.local import _terminate
+
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        recorded_elsewhere = str(int(_started(bystander.pid)) - 1)  # the same pid, an earlier process's start
+        assert _alive(bystander.pid) and _alive(bystander.pid, _started(bystander.pid))
+        assert not _alive(bystander.pid, recorded_elsewhere)
+        _terminate(bystander.pid, grace_s=1, started=recorded_elsewhere)
+        assert bystander.poll() is None  # still running: not the recorded process, so never signalled
+        assert not _alive(os.getpid() + 10**6)
+    finally:
+        bystander.kill()
+        bystander.wait()
