@@ -55,7 +55,7 @@ bench-validation: setup
 	$(PY) bench/validation.py
 
 # Every benchmark, each against its baseline in the same run; the figures go to bench/RESULTS.md.
-BENCHES := coldstart models training scoring demo validation
+BENCHES := coldstart models training scoring streaming demo validation
 bench: setup
 	$(PIP) install --quiet --disable-pip-version-check -r requirements-bench.txt
 	{ echo "# Benchmark results"; echo; echo "$$(date -u +%F), $$(nproc) cores, $$(uname -m), \`make bench\`"; \

@@ -167,7 +167,7 @@ class Scorer:
     def _run_named(self, name: str):
         """The run a request names (a run id, or a model id of GET /v1/models); OpenAIError 404 if none."""
         run = self.pipeline.store.find(name) if RUN_ID.fullmatch(name or "") else None
-        if run is None and name and not RUN_ID.fullmatch(name):
+        if run is None and name:  # a model id or a bare model name (which looks like a run id too)
             run = resolve_model(self.pipeline.store.list(), name)
         if run is None:
             shown = name if len(name) <= 80 else name[:80] + "..."

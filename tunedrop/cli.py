@@ -91,6 +91,8 @@ def up(port: int, verbose: bool):
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("tunedrop").setLevel(logging.INFO)
+    if not verbose:  # a successful invocation every few seconds (the sweeper's) says nothing; failures still show
+        logging.getLogger("tunedrop.host.invocations").setLevel(logging.ERROR)
     settings = _settings()
     state_dir = settings.state_dir.resolve()
     azurite = Azurite.default_running()

@@ -13,6 +13,12 @@ from shared.pipeline.progress import describe
 #: Final states, and whether the run ended well.
 ENDED = {runs.DEPLOYED: True, runs.REJECTED: False, runs.FAILED: False, runs.CANCELED: False}
 BAR_WIDTH = 24
+#: Not on a terminal, a progress line within the same phase is printed at most this often.
+QUIET_EVERY_S = 5.0
+
+
+def _phase(line: str) -> str:
+    return line.split(":", 1)[0]
 
 
 def fraction(progress: dict) -> float | None:
@@ -40,7 +46,7 @@ def follow(client, run_id: str, echo: Callable[..., None], *, interactive: bool,
     from tunedrop.client import ApiError
 
     deadline = clock() + timeout_s
-    last_line, tick, shown = "", 0, ""
+    last_line, tick, shown, printed_at = "", 0, "", 0.0
     while True:
         try:
             progress = client.progress(run_id)
@@ -53,9 +59,9 @@ def follow(client, run_id: str, echo: Callable[..., None], *, interactive: bool,
             shown = f"{bar(fraction(progress), tick)} {line}"
             echo("\r" + shown.ljust(len(last_line)), nl=False)
             last_line = shown
-        elif line != last_line:
-            echo(line)
-            last_line = line
+        elif line != last_line and (_phase(line) != _phase(last_line) or clock() - printed_at >= QUIET_EVERY_S):
+            echo(line)  # not a terminal (a log, CI): a line when the phase changes, else at most every few seconds
+            last_line, printed_at = line, clock()
         state = progress.get("state")
         if state in ENDED or (state == runs.REGISTERED and _gated(client, run_id)):
             if interactive:

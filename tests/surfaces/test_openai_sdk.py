@@ -43,6 +43,8 @@ def test_a_completion_by_model_id_or_run_id_and_the_same_text_streamed(client, d
         by_model.usage.prompt_tokens + by_model.usage.completion_tokens)
     by_run = client.chat.completions.create(model=deployed_run.run_id, messages=QUESTION, max_tokens=12, **SAMPLED)
     assert by_run.choices[0].message.content == text  # the same model, the same seed: the same answer
+    by_name = client.chat.completions.create(model=deployed_run.model_name, messages=QUESTION, max_tokens=12, **SAMPLED)
+    assert by_name.choices[0].message.content == text  # a bare model name: its newest version
 
     chunks = list(client.chat.completions.create(model=model_id(deployed_run), messages=QUESTION, max_tokens=12,
                                                  stream=True, stream_options={"include_usage": True}, **SAMPLED))

@@ -30,6 +30,8 @@ import azure.functions as func
 from tunedrop.host.config import HostConfigError, format_timespan
 
 log = logging.getLogger("tunedrop.host")
+#: The "Executing"/"Executed" lines: a logger of their own, so a quiet `tunedrop up` can leave them out.
+invocations = logging.getLogger("tunedrop.host.invocations")
 
 HTTP, TIMER, BLOB, QUEUE, EVENT_GRID = "httpTrigger", "timerTrigger", "blobTrigger", "queueTrigger", "eventGridTrigger"
 SUPPORTED_TRIGGERS = (HTTP, TIMER, BLOB, QUEUE, EVENT_GRID)
@@ -197,14 +199,14 @@ class Invoker:
             self._count_http(+1)
         invocation_id = str(uuid.uuid4())
         started = time.monotonic()
-        log.info("Executing '%s' (Reason='%s', Id=%s)", spec.log_name, reason, invocation_id)
+        invocations.info("Executing '%s' (Reason='%s', Id=%s)", spec.log_name, reason, invocation_id)
         outcome = self._run(spec, invocation_id, bind, http)
         duration = int((time.monotonic() - started) * 1000)
         if outcome.succeeded:
-            log.info("Executed '%s' (Succeeded, Id=%s, Duration=%dms)", spec.log_name, invocation_id, duration)
+            invocations.info("Executed '%s' (Succeeded, Id=%s, Duration=%dms)", spec.log_name, invocation_id, duration)
         else:
             traceback = None if isinstance(outcome.error, FunctionTimeout) else outcome.error
-            log.error("Executed '%s' (Failed, Id=%s, Duration=%dms)", spec.log_name, invocation_id, duration,
+            invocations.error("Executed '%s' (Failed, Id=%s, Duration=%dms)", spec.log_name, invocation_id, duration,
                       exc_info=traceback)
         return outcome
 
