@@ -89,7 +89,7 @@ def test_a_run_followed_by_drop_wait_and_on_the_status_page_in_a_real_browser(se
     lines = result.output.splitlines()
     assert f"Run id: {run.run_id}" in lines
     steps = [line for line in lines if line.startswith("training (training): step")]
-    assert steps and all(re.fullmatch(r"training \(training\): step \d+/300(, loss [\d.]+, ~\d+ s left)?", line)
+    assert steps and all(re.fullmatch(r"training \(training\): step \d+/300(, loss [\d.]+, ~(\d+ min )?\d+ s left)?", line)
                          for line in steps), lines
     deploying = next(i for i, line in enumerate(lines) if line.startswith("deploying"))
     assert lines.index(steps[0]) < deploying
