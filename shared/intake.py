@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from shared.coerce import to_bool
+from shared.model_defaults import model_defaults
 from shared.settings import Settings
 from shared.training import TrainingConfig, TrainingConfigError
 
@@ -23,29 +24,40 @@ FORCE_KEY = "tunedrop_force"
 
 def training_config(settings: Settings, metadata: dict[str, str] | None, sidecar: dict[str, Any] | None = None,
                     sidecar_name: str = "sidecar") -> TrainingConfig:
-    """The seed's defaults < TUNEDROP_TRAINING_OVERRIDES < the sidecar file < blob metadata.
+    """The seed's defaults < the base model's own defaults (shared/model_defaults.py) < TUNEDROP_TRAINING_OVERRIDES
+    < the sidecar file < blob metadata. The base model is the one the layers end up naming (any of them may).
 
     A bad value raises TrainingConfigError whose ``field`` says which layer it came from."""
-    config = TrainingConfig()
     per_blob = {k[len(OVERRIDE_PREFIX):].lower(): v for k, v in (metadata or {}).items()
                 if k.lower().startswith(OVERRIDE_PREFIX) and k.lower() != FORCE_KEY}
-    layer = "settings"
+    layers: list[tuple[str, str, dict[str, Any]]] = []  # (layer, source, overrides), lowest first
+    if settings.training_overrides:
+        try:
+            overrides = json.loads(settings.training_overrides)
+        except json.JSONDecodeError as exc:
+            raise TrainingConfigError(f"TUNEDROP_TRAINING_OVERRIDES is not JSON: {exc.msg}.", field="settings") from None
+        layers.append(("settings", "TUNEDROP_TRAINING_OVERRIDES", overrides))
+    if sidecar:
+        layers.append(("sidecar", sidecar_name, sidecar))
+    layers.append(("metadata", "blob metadata", per_blob))
     try:
-        if settings.training_overrides:
-            try:
-                overrides = json.loads(settings.training_overrides)
-            except json.JSONDecodeError as exc:
-                raise TrainingConfigError(f"TUNEDROP_TRAINING_OVERRIDES is not JSON: {exc.msg}.") from None
-            config = config.with_overrides(overrides, "TUNEDROP_TRAINING_OVERRIDES")
-        layer = "sidecar"
-        if sidecar:
-            config = config.with_overrides(sidecar, sidecar_name)
-        layer = "metadata"
         forced(metadata)  # a force flag that is neither true nor false is refused here, with the overrides
-        return config.with_overrides(per_blob, "blob metadata")
     except TrainingConfigError as exc:
-        exc.field = layer
+        exc.field = "metadata"
         raise
+    config = _layered(TrainingConfig(), layers)  # first, to learn which base model the layers name
+    defaults = model_defaults(config.base_model or settings.effective_base_model)
+    return _layered(TrainingConfig().with_overrides(defaults, "the base model's defaults"), layers) if defaults else config
+
+
+def _layered(config: TrainingConfig, layers: list[tuple[str, str, dict[str, Any]]]) -> TrainingConfig:
+    for layer, source, overrides in layers:
+        try:
+            config = config.with_overrides(overrides, source)
+        except TrainingConfigError as exc:
+            exc.field = layer
+            raise
+    return config
 
 
 def forced(metadata: dict[str, str] | None) -> bool:

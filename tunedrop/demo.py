@@ -18,9 +18,8 @@ from pathlib import Path
 from tunedrop.local import PROJECT_ROOT
 from tunedrop.receiver import PostReceiver
 
-#: Quick settings for a demo on a laptop CPU: a short LoRA fine-tune, a fast sweeper, a short idle time.
-DEMO_TRAINING = {"num_train_epochs": 2, "max_steps": 40, "max_seq_length": 128, "learning_rate": 3e-4,
-                 "lora_r": 16, "lr_scheduler_type": "cosine", "test_fraction": 0.1}
+#: The demo trains with the base model's own defaults (shared/model_defaults.py), as `tunedrop up` does; only
+#: its clock is quicker: a fast sweeper and a short idle time, so that it also shows teardown and wake.
 DEMO_IDLE_MINUTES = 0.25
 DEMO_SWEEP_SCHEDULE = "*/3 * * * * *"
 #: How often the demo prints a moving run's progress line.
@@ -137,7 +136,6 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
             "TUNEDROP_BASE_MODEL": base_model,
             "TUNEDROP_WEBHOOK_URLS": receiver.url,
             "TUNEDROP_WEBHOOK_SECRET": secret,
-            "TUNEDROP_TRAINING_OVERRIDES": json.dumps(DEMO_TRAINING),
             "TUNEDROP_IDLE_MINUTES": str(DEMO_IDLE_MINUTES),
             "TUNEDROP_SWEEP_SCHEDULE": DEMO_SWEEP_SCHEDULE,
         })
