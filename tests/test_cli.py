@@ -1,6 +1,7 @@
 """The CLI driven with click's CliRunner, and the README blocks that come from it."""
 
 import json
+import os
 
 from click.testing import CliRunner
 from standardwebhooks.webhooks import Webhook
@@ -103,6 +104,27 @@ def test_status_without_a_running_host_says_how_to_start_it(monkeypatch, tmp_pat
     monkeypatch.setenv("TUNEDROP_STATE_DIR", str(tmp_path))
     result = CliRunner().invoke(cli, ["status"])
     assert result.exit_code == 1 and "tunedrop up" in result.output
+
+
+def test_drop_without_local_storage_says_how_to_start_it_at_once(monkeypatch, tmp_path):
+    """No `tunedrop up` running (nothing on Azurite's port): a message naming the fix, not a minute of retries
+    ending in a traceback."""
+    import socket
+
+    import tunedrop.azurite
+
+    for key in [k for k in os.environ if k.startswith("TUNEDROP_STORAGE")]:
+        monkeypatch.delenv(key)
+    with socket.socket() as free:  # a port nothing listens on stands in for Azurite's 10000
+        free.bind(("127.0.0.1", 0))
+        closed = free.getsockname()[1]
+    really_open = tunedrop.azurite.port_open
+    monkeypatch.setattr(tunedrop.azurite, "port_open", lambda port, host="127.0.0.1": really_open(closed, host))
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text("{}\n")
+    result = CliRunner().invoke(cli, ["drop", str(dataset)])
+    assert result.exit_code == 1 and "start the app first with `tunedrop up`" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_readme_tables_match_the_code():

@@ -150,8 +150,12 @@ def drop(file: Path, name: str | None, overrides: tuple[str, ...], wait: bool, t
 
     if "TUNEDROP_STORAGE" not in os.environ and not any(k.startswith("TUNEDROP_STORAGE__") for k in os.environ):
         from shared.settings import AZURITE_CONNECTION_STRING
+        from tunedrop.azurite import port_open
 
         os.environ["TUNEDROP_STORAGE"] = AZURITE_CONNECTION_STRING
+        if not port_open(10000):  # else the storage SDK retries a refused connection for over a minute
+            raise click.ClickException("Nothing answers on 127.0.0.1:10000 (Azurite, the local storage): start the "
+                                       "app first with `tunedrop up`, or set TUNEDROP_STORAGE to your storage account.")
     settings = _settings()
     metadata = _override_metadata(overrides)
     train, test = _dataset_files(file)
@@ -166,7 +170,13 @@ def drop(file: Path, name: str | None, overrides: tuple[str, ...], wait: bool, t
                                      f"found: end it in .{dropped.half}{dropped.suffix}.", param_hint="--name")
         partner = test if file == train else train
         names[partner] = half.stem + half.other + pair_half(partner.as_posix()).suffix
-    container = default_storage().ensure_container(settings.training_container)
+    from azure.core.exceptions import AzureError
+
+    try:
+        container = default_storage().ensure_container(settings.training_container)
+    except AzureError as exc:
+        raise click.ClickException(f"The storage does not answer ({type(exc).__name__}): is `tunedrop up` running, "
+                                   "or TUNEDROP_STORAGE right?") from None
 
     def upload(path: Path, blob: str, meta=None):
         with open(path, "rb") as handle:
