@@ -347,8 +347,9 @@ class Settings:
     )
     estimate_tokens_per_s: float = _setting(
         0.0,
-        "Training throughput (trained tokens per second) behind the report's rough time/cost estimate. "
-        "0: a built-in figure for the backend (local 170, azureml 1500).",
+        "Training throughput (trained tokens per second) behind the report's time/cost estimate. 0: locally, "
+        "what jobs on this machine measured for the base model (in the model cache's throughput.json), else a "
+        "built-in figure for the backend (local 83 plus 12 s per job, azureml 1500).",
         "TUNEDROP_ESTIMATE_TOKENS_PER_S",
     )
     estimate_cost_per_hour: float = _setting(

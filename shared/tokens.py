@@ -21,13 +21,15 @@ MESSAGE_OVERHEAD = 5
 #: Characters per token when no tokenizer is available (a common rule of thumb for English).
 CHARS_PER_TOKEN = 4
 
-#: Rough fine-tuning throughput in trained tokens per second, and price per hour, by compute.
-#: Measured for local (SmolLM2-135M, LoRA, CPU: bench/training.py); the Azure ML figure is an order of
-#: magnitude for Phi-3-mini LoRA on one V100 (Standard_NC6s_v3, pay-as-you-go list price), not a
-#: quote. Override both with TUNEDROP_ESTIMATE_TOKENS_PER_S / TUNEDROP_ESTIMATE_COST_PER_HOUR.
+#: Typical fine-tuning throughput (trained tokens per second, as the report counts tokens), price per hour and
+#: fixed seconds per job (start-up, loading, evaluations, saving), by compute: used until a job on this
+#: machine has measured its own (shared/throughput.py). Local: SmolLM2-135M with its defaults on a 2-core
+#: x86_64 machine, three `tunedrop demo` runs on 2026-12-01 (82.7 tokens/s, 11.6 s). Azure ML: an order of
+#: magnitude for Phi-3-mini LoRA on one V100 (Standard_NC6s_v3, pay-as-you-go list price), not a quote.
+#: TUNEDROP_ESTIMATE_TOKENS_PER_S / TUNEDROP_ESTIMATE_COST_PER_HOUR override the first two.
 THROUGHPUT = {
-    "local": (170.0, 0.0),
-    "azureml": (1500.0, 3.06),
+    "local": (83.0, 0.0, 12.0),
+    "azureml": (1500.0, 3.06, 0.0),
 }
 
 
@@ -88,17 +90,33 @@ def tokenizer_for(settings, base_model: str = "") -> object | None:
     return find_tokenizer(base_model or settings.effective_base_model, settings.model_cache_dir) or EstimateTokenizer()
 
 
-def estimate(stats: dict, config, backend: str, tokens_per_s: float = 0.0, cost_per_hour: float = -1.0) -> dict | None:
-    """The training-size figures and a rough time/cost line from a report's token stats.
+def estimate(stats: dict, config, backend: str, tokens_per_s: float = 0.0, cost_per_hour: float = -1.0,
+             measured: dict | None = None, base_model: str = "") -> dict | None:
+    """The training-size figures and a time/cost line from a report's token stats.
 
     Trained tokens = the train share (1 - test_fraction) of the tokens each example keeps after
-    truncation to max_seq_length, times the epochs (capped by max_steps when set).
+    truncation to max_seq_length, times the epochs (capped by max_steps when set). The time is those
+    tokens at this machine's measured throughput for the base model plus its measured fixed cost (loading,
+    evaluating, saving; ``measured``, shared/throughput.py), else at TUNEDROP_ESTIMATE_TOKENS_PER_S, else
+    at a typical figure for the compute; the ``note`` says which.
     """
     tokens = stats.get("tokens")
     if not tokens or not tokens.get("examples"):
         return None
-    default_rate, default_cost = THROUGHPUT.get(backend, THROUGHPUT["azureml"])
-    rate = tokens_per_s if tokens_per_s > 0 else default_rate
+    default_rate, default_cost, default_overhead = THROUGHPUT.get(backend, THROUGHPUT["azureml"])
+    overhead = 0.0
+    if tokens_per_s > 0:
+        rate, note = tokens_per_s, "tokens / TUNEDROP_ESTIMATE_TOKENS_PER_S"
+    elif measured:
+        rate, overhead = float(measured["tokens_per_s"]), float(measured.get("overhead_s") or 0.0)
+        note = (f"measured on this machine ({measured.get('runs', 1)} run(s) of {base_model or 'this model'}, last "
+                f"{measured.get('measured_at', '?')}): {rate:,.0f} tokens/s plus {overhead:.0f} s to load, "
+                "evaluate and save")
+    else:
+        rate, overhead = default_rate, default_overhead
+        note = (f"rough: tokens / a typical throughput for this compute, not a quote; no run of "
+                f"{base_model or 'this model'} measured here yet") if backend == "local" else \
+            "rough: tokens / a typical throughput for this compute, not a quote"
     cost = cost_per_hour if cost_per_hour >= 0 else default_cost
     kept = tokens["total_kept"]
     train_examples = tokens["examples"] * (1 - config.test_fraction)
@@ -108,16 +126,18 @@ def estimate(stats: dict, config, backend: str, tokens_per_s: float = 0.0, cost_
         per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
         epochs = min(epochs, config.max_steps * per_step / max(1.0, train_examples))
     trained = int(per_epoch * epochs)
-    seconds = trained / rate
+    seconds = trained / rate + overhead
     return {
         "tokens_per_epoch": int(per_epoch),
         "epochs": round(epochs, 4),
         "training_tokens": trained,
-        "tokens_per_s": rate,
+        "tokens_per_s": round(rate, 1),
+        "overhead_s": round(overhead, 1),
         "estimated_seconds": round(seconds, 1),
         "estimated_cost": round(seconds / 3600 * cost, 2),
         "compute": backend,
-        "note": "rough: tokens / a typical throughput for this compute, not a quote",
+        "source": "measured" if measured and tokens_per_s <= 0 else "setting" if tokens_per_s > 0 else "typical",
+        "note": note,
     }
 
 
@@ -125,5 +145,8 @@ def estimate_line(est: dict) -> str:
     secs = est["estimated_seconds"]
     when = f"{secs / 3600:.1f} h" if secs >= 5400 else f"{secs / 60:.0f} min" if secs >= 90 else f"{secs:.0f} s"
     cost = f", ~${est['estimated_cost']:,.2f}" if est["estimated_cost"] else ""
+    source = {"measured": "measured here", "setting": "TUNEDROP_ESTIMATE_TOKENS_PER_S"}.get(est.get("source"),
+                                                                                            "rough estimate")
+    plus = f" + {est['overhead_s']:.0f} s load/eval/save" if est.get("overhead_s") else ""
     return (f"training: ~{est['training_tokens']:,} tokens ({est['tokens_per_epoch']:,}/epoch x {est['epochs']:g}) "
-            f"at ~{est['tokens_per_s']:,.0f} tokens/s on {est['compute']}: ~{when}{cost} (rough estimate)")
+            f"at ~{est['tokens_per_s']:,.0f} tokens/s{plus} on {est['compute']}: ~{when}{cost} ({source})")

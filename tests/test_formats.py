@@ -191,7 +191,8 @@ def test_estimate_line():
     config = TrainingConfig().with_overrides({"test_fraction": 0.5, "num_train_epochs": 2})
     est = estimate(stats, config, "local")
     assert est["training_tokens"] == int(stats["tokens"]["total_kept"] * 0.5 * 2)
-    assert est["tokens_per_s"] == 170 and est["estimated_cost"] == 0
+    assert est["tokens_per_s"] == 83 and est["estimated_cost"] == 0 and est["source"] == "typical"
+    assert est["estimated_seconds"] == pytest.approx(est["training_tokens"] / 83 + 12, abs=0.1)  # + a job's fixed cost
     assert estimate(stats, config, "azureml", tokens_per_s=10, cost_per_hour=36)["estimated_cost"] > 0
     report = validate_chunks([dataset()])
     assert estimate(report.stats, config, "local") is None

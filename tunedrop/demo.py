@@ -194,6 +194,11 @@ def run_demo(*, dataset: Path, prompt: str, base_model: str = "smollm2-135m-inst
                             seen.add(state)
                             entered[state] = time.monotonic()
                             _step(clock, f"run is {state}" + (f": {run.error}" if state in ("failed", "rejected") else ""))
+                            estimate = (run.report.get("stats") or {}).get("training") if state == runs.SUBMITTED else None
+                            if estimate:
+                                from shared.tokens import estimate_line
+
+                                _step(clock, f"  the report's estimate: {estimate_line(estimate)}")
                     if run.state in (runs.SUBMITTED, runs.RUNNING, runs.DEPLOYING):
                         show_progress()
                     if run.state == target:

@@ -37,6 +37,7 @@ def check_dataset(settings: Settings, train: tuple[str, Iterable[bytes]], test: 
     from shared.backends.base import BackendError
     from shared.intake import SIDECAR_SUFFIX, parse_sidecar, training_config
     from shared.split import held_out_count
+    from shared.throughput import measured
     from shared.tokens import estimate, tokenizer_for
     from shared.training import TrainingConfig, TrainingConfigError
 
@@ -64,8 +65,10 @@ def check_dataset(settings: Settings, train: tuple[str, Iterable[bytes]], test: 
     if rejected is not None:
         report.reject(rejected)
     elif report.accepted:
+        base_model = config.base_model or settings.effective_base_model
+        here = measured(settings.model_cache_dir, base_model) if settings.backend == "local" else None
         training = estimate(report.stats, config, settings.backend, settings.estimate_tokens_per_s,
-                            settings.estimate_cost_per_hour)
+                            settings.estimate_cost_per_hour, measured=here, base_model=base_model)
         if training:
             report.stats["training"] = training
             for code, message, field in estimate_refusals(training, settings.max_estimated_hours,

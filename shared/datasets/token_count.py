@@ -34,6 +34,12 @@ class TokenCounter:
         if self.pending_texts >= TOKEN_BATCH:
             self._count()
 
+    def kept_so_far(self) -> int:
+        """Tokens of every example added, each cut to max_seq_length (what an epoch trains, as counted here)."""
+        if self.pending:
+            self._count()
+        return self.kept
+
     def _count(self) -> None:
         pending, self.pending, self.pending_texts = self.pending, [], 0
         counts = self.tokenizer.count([t for _, contents in pending for t in contents])

@@ -244,3 +244,37 @@ def test_the_job_reads_the_sample_the_azure_split_writer_writes_and_no_more_than
     with pytest.raises(DatasetLimitError) as caught:
         load_data(job.spec, job.dir, config, {**limits, "max_examples": 50})
     assert caught.value.code == "too_many_examples" and "TUNEDROP_MAX_EXAMPLES" in str(caught.value)
+
+
+def test_a_finished_job_leaves_this_machines_throughput_and_the_next_estimate_uses_it(trained_run, model_cache, tmp_path):
+    from shared.datasets import check_dataset
+    from shared.settings import Settings
+    from shared.throughput import measured
+
+    figures = measured(model_cache, "tiny-random")
+    metrics = trained_run["status"]["metrics"]
+    assert figures and figures["runs"] >= 1 and figures["tokens_per_s"] > 0
+    assert 0 <= figures["overhead_s"] < trained_run["seconds"]  # the job's wall time less its training
+    # in the estimate's units (message tokens as validation counts them), so below the loop's own count, which
+    # includes the chat template's tokens
+    assert figures["tokens_per_s"] < metrics["train_tokens_per_second"] or figures["runs"] > 1
+    settings = Settings(backend="local", base_model="tiny-random", model_cache_dir=model_cache, state_dir=tmp_path)
+    report, _ = check_dataset(settings, ("sums.jsonl", iter([dataset_bytes(conversations())])))
+    estimate = report.stats["training"]
+    assert estimate["source"] == "measured" and estimate["tokens_per_s"] == pytest.approx(figures["tokens_per_s"], rel=0.01)
+    assert estimate["estimated_seconds"] == pytest.approx(
+        estimate["training_tokens"] / estimate["tokens_per_s"] + estimate["overhead_s"], abs=0.2)
+    assert "measured on this machine" in estimate["note"] and "measured here" in report.summary()
+
+
+def test_a_throughput_far_from_the_cached_one_replaces_it_and_a_near_one_is_averaged_in(tmp_path):
+    from shared.throughput import measured, record
+
+    assert measured(tmp_path, "m") is None
+    record(tmp_path, "m", 100.0, 10.0)
+    assert record(tmp_path, "m", 120.0, 14.0) == {**measured(tmp_path, "m"), "tokens_per_s": 110.0, "overhead_s": 12.0,
+                                                  "runs": 2}
+    assert record(tmp_path, "m", 300.0, 5.0)["runs"] == 1  # 2.7x: another machine, or other threads
+    assert measured(tmp_path, "m")["tokens_per_s"] == 300.0
+    (tmp_path / "throughput.json").write_text("{not json")
+    assert measured(tmp_path, "m") is None  # broken: not measured, never an error

@@ -48,8 +48,11 @@ from shared.backends.local.job_data import Data, job_limits, load_data
 from shared.backends.local.reporting import Progress, log, now, post_event, write_json_atomic
 from shared.backends.local.steps import autocast, batch_loss_sum, evaluate, lr_factor, use_bf16
 from shared.events import RUN_ID_TAG, run_event
+from shared.throughput import record
 from shared.training import TrainingConfig
 
+#: When this process started its work (before torch is imported): a job's wall time counts from here.
+PROCESS_STARTED = time.monotonic()
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODEL_ARTIFACT_PATH = "model"
 MODEL_INFO_FILE = "tunedrop_model.json"
@@ -116,10 +119,48 @@ class Job:
             self.status(state, error=message, mlflow_run_id=self.mlflow_run_id, ended_at=now())
             self.event(state, {"mlflow_run_id": self.mlflow_run_id} if self.mlflow_run_id else None)
             return 1
+        self._record_throughput(metrics)
         self.status("Completed", mlflow_run_id=self.mlflow_run_id, metrics=metrics, ended_at=now())
         self.event("Completed", {"mlflow_run_id": self.mlflow_run_id})
         log(f"job completed: mlflow run {self.mlflow_run_id}")
         return 0
+
+    def _record_throughput(self, metrics: dict[str, Any]) -> None:
+        """This machine's figures for the next estimates (shared/throughput.py): the loop's tokens/s, and the rest
+        of the job's wall time since it was submitted (start-up, imports, loading, evaluations, saving). Best
+        effort: never fails the job."""
+        trained, counted = metrics.get("train_runtime_s"), getattr(self, "counted_tokens", None)
+        if not trained or not counted:
+            return
+        rate = counted / trained  # in the estimate's own tokens: what the next estimate divides by
+        try:
+            # From the job's submission (its job.json), so that the process's start-up and imports count too
+            submitted = (self.dir / "job.json").stat().st_mtime
+            wall = max(time.time() - submitted, time.monotonic() - PROCESS_STARTED)
+            cached = record(self.spec.get("model_cache_dir") or Path.home() / ".cache" / "tunedrop",
+                            self.spec["base_model"], float(rate), max(0.0, wall - trained))
+            log(f"throughput here: {cached['tokens_per_s']:.0f} tokens/s, {cached['overhead_s']:.0f} s overhead "
+                f"({cached['runs']} run(s))")
+        except OSError as exc:
+            log(f"throughput not recorded: {exc}")
+
+    def _counted_as_estimated(self, config: TrainingConfig, rows: list, steps: int) -> float | None:
+        """The tokens this job trained, counted as the validation report counts them (message contents with the
+        validator's tokenizer and overheads, each example cut to max_seq_length), so that the throughput it
+        records is in the estimate's own units: the chat template's own tokens (SmolLM2's adds a default
+        system prompt) are then part of the rate, not missing from the estimate."""
+        from shared.datasets.token_count import TokenCounter
+        from shared.tokens import find_tokenizer
+
+        counting = find_tokenizer(self.spec["base_model"], self.spec.get("model_cache_dir"))
+        if counting is None or not rows:
+            return None
+        counter = TokenCounter(counting, config.max_seq_length)
+        for index, conversation in enumerate(rows):
+            messages = conversation.get("messages", []) if isinstance(conversation, dict) else conversation
+            counter.add(index, [str(m.get("content", "")) for m in messages if isinstance(m, dict)])
+        examples = steps * config.per_device_train_batch_size * config.gradient_accumulation_steps
+        return counter.kept_so_far() / len(rows) * min(examples, len(rows) * config.num_train_epochs)
 
     def _end_mlflow(self, status: str) -> None:
         if "mlflow" in sys.modules and self.mlflow_run_id:
@@ -137,6 +178,7 @@ class Job:
         metrics = self._loop(config, model, tokenizer, train_set, test_set, data)
         self.progress.update("saving")
         self._save(config, model, tokenizer)
+        self.counted_tokens = self._counted_as_estimated(config, data.train, metrics.get("train_steps", 0))
         self.progress.update("done", eval_loss=metrics.get("eval_loss"))
         log(f"train_runtime_s {metrics['train_runtime_s']:.1f} "
             f"train_tokens_per_second {metrics['train_tokens_per_second']:.0f}")
