@@ -32,7 +32,6 @@ from shared.openai_api import (
     parse_chat_request,
     resolve_model,
 )
-from shared.pipeline.gate import describe
 from shared.request_json import RequestJSONError, loads
 
 log = logging.getLogger("tunedrop.scoring")
@@ -196,6 +195,8 @@ class Scorer:
             return ScoreResponse(503, {"error": f"Run {run_id}: endpoint is still deploying.", "state": run.state},
                                  {"Retry-After": "30"})
         if run.state == runs.REGISTERED and run.gate and not run.gate.get("passed"):
+            from shared.pipeline.gate import describe
+
             return ScoreResponse(409, {"error": f"Run {run_id} was held back by the quality gate ({describe(run.gate)}); "
                                        f"deploy it anyway with `tunedrop deploy {run_id} --force`.", "state": "gated"})
         if run.state != runs.DEPLOYED:

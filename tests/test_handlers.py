@@ -480,7 +480,7 @@ def test_the_same_content_again_is_recognised_and_trained_again_only_when_asked(
         ingest(upload(settings, "again.jsonl", good_dataset(), metadata={"tunedrop_force": "true"}))
         forced = next(r for r in store.list() if r.dataset_blob == "again.jsonl")
         assert forced.state == runs.SUBMITTED
-        ingest(upload(settings, "other-params.jsonl", good_dataset(), metadata={"tunedrop_num_train_epochs": "1"}))
+        ingest(upload(settings, "other-params.jsonl", good_dataset(), metadata={"tunedrop_num_train_epochs": "2"}))
         other = next(r for r in store.list() if r.dataset_blob == "other-params.jsonl")
         assert other.state == runs.SUBMITTED  # same bytes, different training: a new model
     finally:

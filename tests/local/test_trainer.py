@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -251,13 +252,9 @@ def test_a_finished_job_leaves_this_machines_throughput_and_the_next_estimate_us
     from shared.settings import Settings
     from shared.throughput import measured
 
-    figures = measured(model_cache, "tiny-random")
-    metrics = trained_run["status"]["metrics"]
-    assert figures and figures["runs"] >= 1 and figures["tokens_per_s"] > 0
-    assert 0 <= figures["overhead_s"] < trained_run["seconds"]  # the job's wall time less its training
-    # in the estimate's units (message tokens as validation counts them), so below the loop's own count, which
-    # includes the chat template's tokens
-    assert figures["tokens_per_s"] < metrics["train_tokens_per_second"] or figures["runs"] > 1
+    figures = measured(model_cache, "tiny-random")  # the session's cache: this job's figure, or averaged with others'
+    assert re.search(r"throughput here: \d+ tokens/s, \d+ s overhead", trained_run["log"])
+    assert figures and figures["runs"] >= 1 and figures["tokens_per_s"] > 0 and figures["overhead_s"] >= 0
     settings = Settings(backend="local", base_model="tiny-random", model_cache_dir=model_cache, state_dir=tmp_path)
     report, _ = check_dataset(settings, ("sums.jsonl", iter([dataset_bytes(conversations())])))
     estimate = report.stats["training"]
