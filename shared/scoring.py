@@ -43,7 +43,8 @@ MAX_JSON_DEPTH = 32
 #: else names no run and is answered 404 before any storage call (a '/' or '%2F' in a table key made
 #: Azurite answer 500, which the SDK retried for ~5 s).
 RUN_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
-#: How often a scored endpoint's last-use time is written (the idle timer needs minutes, not ms).
+#: How often a scored endpoint's last-use time is written at most (the idle timer needs minutes, not ms; a
+#: shorter TUNEDROP_IDLE_MINUTES writes it more often, see Scorer._touch).
 LAST_USE_WRITE_EVERY = timedelta(seconds=30)
 
 
@@ -308,8 +309,11 @@ class Scorer:
         return ScoreResponse(502, {"error": f"The endpoint failed (HTTP {reply.status_code})."}, {"Retry-After": "10"})
 
     def _touch(self, run) -> None:
+        """Record that the run was used now, at most every LAST_USE_WRITE_EVERY, and four times within the idle
+        window when that is shorter: an endpoint in use is never idle for the sweeper."""
         now = time.monotonic()
-        if now - self._last_write.get(run.run_id, -1e9) < LAST_USE_WRITE_EVERY.total_seconds():
+        every = min(LAST_USE_WRITE_EVERY.total_seconds(), self.pipeline.settings.idle_minutes * 60 / 4)
+        if now - self._last_write.get(run.run_id, -1e9) < every:
             return
         self._last_write[run.run_id] = now
         try:

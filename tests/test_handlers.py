@@ -647,3 +647,22 @@ def test_a_dataset_can_name_its_own_base_model_and_an_unknown_one_is_rejected(ap
             assert (error["code"], error["field"]) == ("bad_override", field) and "base_model" in error["message"]
     finally:
         LocalBackend(settings).stop_all()
+
+
+def test_an_endpoint_in_use_is_recorded_as_used_often_enough_for_a_short_idle_window(app_env, monkeypatch):
+    """Last use is written at most every 30 s, but four times within TUNEDROP_IDLE_MINUTES when that is shorter:
+    a 12 s idle window with 30 s between writes let the sweeper tear down an endpoint in the middle of a burst."""
+    import shared.scoring as scoring
+
+    monkeypatch.setenv("TUNEDROP_IDLE_MINUTES", "0.2")
+    pipeline = get_pipeline()
+    run = make_run(runs.DEPLOYING)  # the last-use record is the run's, whatever its state
+    scorer = scoring.Scorer(pipeline)
+    clock = [1000.0]
+    monkeypatch.setattr(scoring.time, "monotonic", lambda: clock[0])
+    seen = []
+    for _ in range(4):  # 0, 2, 4, 6 s into a burst
+        scorer._touch(run)
+        seen.append(pipeline.store.get(run.run_id).last_scored_at)
+        clock[0] += 2.0
+    assert seen[0] and seen[0] == seen[1] and seen[2] > seen[1] and seen[3] == seen[2]  # every 3 s, not every 30 s

@@ -191,6 +191,7 @@ class Job:
         import torch
 
         from shared.backends.local.models import resolve_base_model
+        from shared.model_cache import MARKER
 
         torch.set_num_threads(os.cpu_count() or 1)
         import transformers
@@ -200,7 +201,10 @@ class Job:
         transformers.utils.logging.disable_progress_bar()
 
         cache_dir = self.spec.get("model_cache_dir") or str(Path.home() / ".cache" / "tunedrop")
+        if not (Path(cache_dir) / self.spec["base_model"] / MARKER).exists():  # its first use on this machine
+            self.progress.update("converting base model, first use only")
         base_dir = resolve_base_model(self.spec["base_model"], Path(cache_dir))
+        self.progress.update("loading")
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
         train_set = [e for e in (encode_conversation(tokenizer, m, config.max_seq_length) for m in train_rows) if e]
         test_set = [e for e in (encode_conversation(tokenizer, m, config.max_seq_length) for m in test_rows) if e]
