@@ -115,6 +115,10 @@ def test_drop_without_local_storage_says_how_to_start_it_at_once(monkeypatch, tm
 
     for key in [k for k in os.environ if k.startswith("TUNEDROP_STORAGE")]:
         monkeypatch.delenv(key)
+    # `drop` sets TUNEDROP_STORAGE to Azurite's itself: recorded here so that it is taken away again after the test
+    # (a later test's `tunedrop demo` subprocess would inherit it and use port 10000)
+    monkeypatch.setenv("TUNEDROP_STORAGE", "")
+    monkeypatch.delenv("TUNEDROP_STORAGE")
     with socket.socket() as free:  # a port nothing listens on stands in for Azurite's 10000
         free.bind(("127.0.0.1", 0))
         closed = free.getsockname()[1]
@@ -157,3 +161,4 @@ def test_post_receiver_passes_path_lowercased_headers_and_body_and_answers_500_o
 
         assert (post(b"hello"), post(b"boom")) == (202, 500)
     assert seen == [("/in?x=1", "yes", b"hello"), ("/in?x=1", "yes", b"boom")]
+
