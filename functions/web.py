@@ -82,42 +82,39 @@ def _failure_answer(name: str, exc: Exception) -> tuple[int, str, dict[str, str]
     return 500, "Internal error; it is in the function's log.", {}, None
 
 
-def answers_json(handler):
-    """tunedrop's own routes: a bad run id is 404 before any storage call; whatever goes wrong is a JSON error."""
+def _answering(shape):
+    """A decorator making every outcome of a handler an answer: a bad run id is 404 before any storage call; a
+    failure the handler did not answer is turned into ``shape(status, message, field, code)``."""
 
-    @functools.wraps(handler)
-    async def wrapper(req: Request) -> Response:
-        try:
-            if "run_id" in req.path_params:
-                check_run_id(req.path_params["run_id"])
-            return await handler(req)
-        except ScoreRequestError as exc:
-            return json_answer(exc.status, exc.body())
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
-            status, message, headers, code = _failure_answer(handler.__name__, exc)
-            return json_answer(status, {"error": message, **({"code": code} if code else {})}, headers)
+    def decorate(handler):
+        @functools.wraps(handler)
+        async def wrapper(req: Request) -> Response:
+            try:
+                if "run_id" in req.path_params:
+                    check_run_id(req.path_params["run_id"])
+                return await handler(req)
+            except ScoreRequestError as exc:
+                return json_answer(exc.status, shape(exc.status, str(exc), exc.field, None))
+            except OpenAIError as exc:
+                return json_answer(exc.status, shape(exc.status, str(exc), exc.param, exc.code), exc.headers)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
+                status, message, headers, code = _failure_answer(handler.__name__, exc)
+                return json_answer(status, shape(status, message, None, code), headers)
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
-def answers_openai(handler):
-    """The OpenAI-compatible routes: whatever goes wrong is an error in OpenAI's shape."""
+def _tunedrop_error(status: int, message: str, field: str | None, code: str | None) -> dict:
+    return {"error": message, **({"field": field} if field else {}), **({"code": code} if code else {})}
 
-    @functools.wraps(handler)
-    async def wrapper(req: Request) -> Response:
-        try:
-            if "run_id" in req.path_params:
-                check_run_id(req.path_params["run_id"])
-            return await handler(req)
-        except ScoreRequestError as exc:
-            error = OpenAIError(exc.status, str(exc), param=exc.field, code="model_not_found" if exc.status == 404
-                                else None)
-            return json_answer(error.status, error.body())
-        except OpenAIError as exc:
-            return json_answer(exc.status, exc.body(), exc.headers)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
-            status, message, headers, code = _failure_answer(handler.__name__, exc)
-            return json_answer(status, OpenAIError(status, message, code=code).body(), headers)
 
-    return wrapper
+def _openai_error(status: int, message: str, field: str | None, code: str | None) -> dict:
+    return OpenAIError(status, message, param=field, code=code or ("model_not_found" if status == 404 else None)).body()
 
+
+#: tunedrop's own routes: errors as ``{"error": text, "field"?, "code"?}``.
+answers_json = _answering(_tunedrop_error)
+#: The OpenAI-compatible routes: errors in OpenAI's shape.
+answers_openai = _answering(_openai_error)

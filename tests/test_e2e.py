@@ -4,7 +4,6 @@ model server -> score through the HTTP function -> webhooks verified -> sweeper 
 
 import json
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,22 +18,13 @@ from shared.settings import Settings
 from shared.storage import default_storage, reset_default_storage
 from shared.webhooks import new_secret
 from tests.receiver import Receiver
+from tests.waiting import wait_for
 from tunedrop.azurite import ACCOUNT_KEY as AZURITE_KEY
 from tunedrop.azurite import free_port
 from tunedrop.host import LocalHost
 from tunedrop.local import PROJECT_ROOT, embedded_environment
 
 QUICK_TRAINING = {"num_train_epochs": 1, "max_steps": 3, "max_seq_length": 64, "learning_rate": 1e-3}
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout_s} s")
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ base model and a quick training, and one real run shared by the package, so that
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from types import SimpleNamespace
 
@@ -16,6 +15,7 @@ import function_app
 from shared import runs
 from shared.settings import Settings
 from shared.storage import default_storage, reset_default_storage
+from tests.waiting import wait_for
 from tunedrop.azurite import free_port
 from tunedrop.host import LocalHost
 from tunedrop.local import PROJECT_ROOT, embedded_environment
@@ -27,16 +27,6 @@ def conversations(n: int) -> bytes:
     rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(n)]
     return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout_s} s")
 
 
 @pytest.fixture(scope="package")

@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from shared import runs
-from tests.surfaces.conftest import conversations, wait_for
+from tests.surfaces.conftest import conversations
+from tests.waiting import wait_for
 from tunedrop.cli import cli
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

@@ -12,7 +12,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from shared import runs
 from shared.openai_api import model_id
-from tests.surfaces.conftest import state_of, wait_for
+from tests.surfaces.conftest import state_of
+from tests.waiting import wait_for
 
 QUESTION = [{"role": "user", "content": "What is 2 plus 2?"}]
 #: tiny-random, lightly trained, answers greedily with its end token at once: sampled with a seed, it says
