@@ -237,17 +237,9 @@ class Scorer:
         answered as :meth:`_forward` answers it."""
         import httpx
 
-        outgoing = self.client.build_request("POST", url, json=request,
-                                             headers={**(headers or {}), "Authorization": f"Bearer {key}"})
-        for attempt in (1, 2):
-            try:
-                reply = self.client.send(outgoing, stream=True)
-                break
-            except httpx.TimeoutException:
-                return ScoreResponse(504, {"error": "The endpoint did not answer in time."}, {"Retry-After": "10"})
-            except httpx.TransportError:
-                if attempt == 2:
-                    return ScoreResponse(503, {"error": "The endpoint is not reachable."}, {"Retry-After": "30"})
+        reply = self._send(url, key, request, headers, stream=True)
+        if isinstance(reply, ScoreResponse):
+            return reply
         if reply.status_code != 200 or not reply.headers.get("content-type", "").startswith("text/event-stream"):
             try:
                 reply.read()
@@ -266,13 +258,18 @@ class Scorer:
         return ChatStream(relay(), reply.close)
 
     def _forward(self, url: str, key: str, request: dict, headers: dict | None = None) -> ScoreResponse:
+        reply = self._send(url, key, request, headers)
+        return reply if isinstance(reply, ScoreResponse) else self._answer_of(reply)
+
+    def _send(self, url: str, key: str, request: dict, headers: dict | None = None, stream: bool = False):
+        """The endpoint's reply (its body still to read when ``stream``), or the answer when none came."""
         import httpx
 
+        outgoing = self.client.build_request("POST", url, json=request,
+                                             headers={**(headers or {}), "Authorization": f"Bearer {key}"})
         for attempt in (1, 2):
             try:
-                reply = self.client.post(url, json=request,
-                                         headers={**(headers or {}), "Authorization": f"Bearer {key}"})
-                break
+                return self.client.send(outgoing, stream=stream)
             except httpx.TimeoutException:
                 return ScoreResponse(504, {"error": "The endpoint did not answer in time."}, {"Retry-After": "10"})
             except httpx.TransportError:
@@ -280,7 +277,7 @@ class Scorer:
                 # once more, on a fresh connection; a second failure means the endpoint is not there.
                 if attempt == 2:
                     return ScoreResponse(503, {"error": "The endpoint is not reachable."}, {"Retry-After": "30"})
-        return self._answer_of(reply)
+        raise AssertionError("unreachable")
 
     def _answer_of(self, reply) -> ScoreResponse:
         """The endpoint's answer (read whole) as this app's: its JSON on 200, else a status and error that say
