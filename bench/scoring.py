@@ -1,6 +1,8 @@
-"""Scoring latency: through the HTTP function (local host -> score -> model server) against calling
-the model server directly, at concurrency 1 and 16, interleaved in one run so both see the same
-machine. Trains a tiny adapter on SmolLM2 first (a few steps) so a real endpoint serves.
+"""Scoring latency and requests/s at concurrency 1 and 16, interleaved in one run so every target sees the
+same machine: the batching model server directly, the same through the HTTP function (local host -> score ->
+model server), and the model server as it was before batching (``--turns-ref``: requests took turns, one
+forward pass each; its whole ``shared/`` package at that commit, started on the same model with the same
+concurrency). Trains a tiny adapter on SmolLM2 first (a few steps) so a real endpoint serves.
 
 Then the model server's limits (issue 15), against the server as it was before them (its source at
 ``--baseline-ref``, one lock, no prompt check) started on the same model: how long a ~1 MB prompt
@@ -8,7 +10,8 @@ takes to be refused, and the p50 latency of a short request while a long one (51
 Figures are printed, never asserted.
 
     .venv/bin/python bench/scoring.py [--base-model smollm2-135m-instruct] [--requests 48]
-                                      [--short-requests 8] [--baseline-ref 69dec77] [--limits-only]
+                                      [--short-requests 8] [--baseline-ref 69dec77] [--turns-ref cce88a3]
+                                      [--limits-only]
 """
 
 from __future__ import annotations
@@ -29,6 +32,15 @@ sys.path.insert(0, str(ROOT))
 
 BODY = {"input_data": {"input_string": [{"role": "user", "content": "What is the capital of Italy?"}],
                        "parameters": {"max_new_tokens": 8, "do_sample": False}}}
+#: What the throughput rounds ask: a different question each (as users send), through the same chat template.
+COUNTRIES = ["Italy", "France", "Spain", "Norway", "Japan", "Chile", "Kenya", "Canada", "Egypt", "Peru", "India",
+             "Poland", "Ghana", "Nepal", "Cuba", "Iran", "Mali"]
+
+
+def body(i: int) -> dict:
+    return {"input_data": {"input_string": [{"role": "user", "content": f"What is the capital of {COUNTRIES[i % 17]}? "
+                                             f"(request {i})"}],
+                           "parameters": {"max_new_tokens": 8, "do_sample": False}}}
 LONG = {"input_data": {"input_string": [{"role": "user", "content": "Write a very long story about a dragon."}],
                        "parameters": {"max_new_tokens": 512, "do_sample": False}}}
 #: ~1 MB of prompt, under the 1 MB body limit: the user's report (issue 15).
@@ -36,6 +48,8 @@ HUGE = {"input_data": {"input_string": [{"role": "user", "content": "tell me mor
                        "parameters": {"max_new_tokens": 50}}}
 #: The last commit whose model server had no limits (one lock, prompts unchecked, max_new_tokens clamped).
 BASELINE_REF = "69dec77"
+#: The last commit whose model server generated requests taking turns (no batching): issue 18's baseline.
+TURNS_REF = "cce88a3"
 
 
 def deploy(base_model: str, state_dir: Path):
@@ -75,9 +89,9 @@ def deploy(base_model: str, state_dir: Path):
     raise TimeoutError("no deployed endpoint within 10 minutes")
 
 
-def timed(client, url: str, headers: dict) -> float:
+def timed(client, url: str, headers: dict, i: int = 0) -> float:
     started = time.perf_counter()
-    reply = client.post(url, json=BODY, headers=headers, timeout=120)
+    reply = client.post(url, json=body(i), headers=headers, timeout=120)
     elapsed = time.perf_counter() - started
     reply.raise_for_status()
     return elapsed
@@ -94,10 +108,11 @@ def measure(targets: dict[str, tuple[str, dict]], concurrency: int, requests: in
         for url, headers in targets.values():  # warm-up
             timed(client, url, headers)
         rounds = max(1, requests // concurrency)
-        for _ in range(rounds):
+        for r in range(rounds):
+            asked = range(r * concurrency, (r + 1) * concurrency)  # the same questions for every target
             for name, (url, headers) in targets.items():
                 started = time.perf_counter()
-                results[name] += list(pool.map(lambda _, u=url, h=headers: timed(client, u, h), range(concurrency)))
+                results[name] += list(pool.map(lambda i, u=url, h=headers: timed(client, u, h, i), asked))
                 walls[name] += time.perf_counter() - started
     out = {}
     for name, samples in results.items():
@@ -136,6 +151,39 @@ def start_baseline(ref: str, settings, endpoint_name: str, workdir: Path):
         time.sleep(0.2)
     process.kill()
     print(f"no baseline: its server did not start (see {workdir / 'baseline.log'})", file=sys.stderr)
+    return None
+
+
+def start_at_ref(ref: str, settings, endpoint_name: str, workdir: Path):
+    """The model server of commit ``ref`` (its whole ``shared/`` package) on the endpoint's model, key and limits;
+    (process, url) or None."""
+    from tunedrop.azurite import free_port
+
+    tree = workdir / f"shared-{ref}"
+    tree.mkdir()
+    try:
+        archive = subprocess.run(["git", "archive", ref, "shared"], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"no baseline: {ref}'s shared/ cannot be read ({exc})", file=sys.stderr)
+        return None
+    ep_dir = Path(settings.state_dir).resolve() / "endpoints" / endpoint_name
+    info, port, state = json.loads((ep_dir / "endpoint.json").read_text()), free_port(), workdir / f"{ref}.state.json"
+    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
+    with open(workdir / f"{ref}.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shared.backends.local.server", "--model-uri", info["model_uri"],
+             "--tracking-uri", settings.effective_tracking_uri, "--port", str(port), "--key-file", str(ep_dir / "key"),
+             "--state-file", str(state), "--model-cache-dir", str(Path(settings.model_cache_dir).expanduser()),
+             "--concurrency", str(settings.server_concurrency), "--queue", str(settings.server_queue)],
+            cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.exists() and json.loads(state.read_text()).get("state") == "ready":
+            return process, f"http://127.0.0.1:{port}/score"
+        time.sleep(0.2)
+    process.kill()
+    print(f"no baseline: {ref}'s server did not start (see {workdir / f'{ref}.log'})", file=sys.stderr)
     return None
 
 
@@ -197,30 +245,41 @@ def limits(settings, endpoint_name: str, short_requests: int, baseline_ref: str 
 
 
 def run(base_model: str = "smollm2-135m-instruct", requests: int = 48, short_requests: int = 8,
-        baseline_ref: str | None = BASELINE_REF, limits_only: bool = False) -> tuple[list[dict], dict]:
+        baseline_ref: str | None = BASELINE_REF, limits_only: bool = False,
+        turns_ref: str | None = TURNS_REF) -> tuple[list[dict], dict]:
     import tempfile
 
     from shared.backends.local import LocalBackend
 
     with tempfile.TemporaryDirectory(prefix="tunedrop-bench-") as tmp:
         azurite, host, settings, run_ = deploy(base_model, Path(tmp))
+        before = None
         try:
             backend = LocalBackend(settings)
             target = backend.scoring_target(run_.endpoint_name)
-            targets = {
-                "direct to model server": (target.url, {"Authorization": f"Bearer {target.key}"}),
-                "through the score function": (f"{host.base_url}/api/runs/{run_.run_id}/score",
-                                               {"x-functions-key": host.function_key}),
-            }
+            key = {"Authorization": f"Bearer {target.key}"}
+            targets = {"model server (batching)": (target.url, key),
+                       "through the score function": (f"{host.base_url}/api/runs/{run_.run_id}/score",
+                                                      {"x-functions-key": host.function_key})}
+            if turns_ref and not limits_only:
+                before = start_at_ref(turns_ref, settings, run_.endpoint_name, Path(tmp))
+                if before:
+                    targets[f"server before ({turns_ref})"] = (before[1], key)
             rows = []
             for concurrency in () if limits_only else (1, 16):
                 figures = measure(targets, concurrency, requests if concurrency == 1 else requests * 4)
-                direct = figures["direct to model server"]
+                base = figures.get(f"server before ({turns_ref})", figures["model server (batching)"])
                 for name, f in figures.items():
                     rows.append({"concurrency": concurrency, "path": name, **f,
-                                 "p50_added_pct": 100 * (f["p50_ms"] / direct["p50_ms"] - 1)})
+                                 "x_rps": f["rps"] / base["rps"], "x_p50": f["p50_ms"] / base["p50_ms"]})
+            if before:
+                before[0].kill()
+                before[0].wait()
+                before = None
             return rows, limits(settings, run_.endpoint_name, short_requests, baseline_ref, Path(tmp))
         finally:
+            if before:
+                before[0].kill()
             LocalBackend(settings).stop_all()
             host.stop()
             azurite.stop()
@@ -232,15 +291,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--short-requests", type=int, default=8, help="short requests sent while a long one runs")
     parser.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref of the server before its limits; '' none")
+    parser.add_argument("--turns-ref", default=TURNS_REF, help="git ref of the server before batching; '' none")
     parser.add_argument("--limits-only", action="store_true", help="only the model server's limits")
     args = parser.parse_args()
     rows, limit_rows = run(args.base_model, args.requests, args.short_requests, args.baseline_ref or None,
-                           args.limits_only)
+                           args.limits_only, args.turns_ref or None)
     if rows:
-        print(f"{'scoring':<30} {'conc':>4} {'n':>5} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>7} {'p50 added':>10}")
+        print(f"{'8 tokens, a question each':<32} {'conc':>4} {'n':>5} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>7} "
+              f"{'x req/s':>8} {'x p50':>6}   (x: against the server before batching, same concurrency)")
     for r in rows:
-        print(f"{r['path']:<30} {r['concurrency']:>4} {r['n']:>5} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} "
-              f"{r['rps']:7.2f} {r['p50_added_pct']:9.1f}%")
+        print(f"{r['path']:<32} {r['concurrency']:>4} {r['n']:>5} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} "
+              f"{r['rps']:7.2f} {r['x_rps']:8.2f} {r['x_p50']:6.2f}")
     print(f"\n{'model server':<24} {'~1 MB prompt':<44} {'short p50 s':>11} {'short max s':>11} {'long s':>7}"
           "   (short: 8 tokens, sent while a 512-token request runs)")
     for name, f in limit_rows.items():

@@ -9,8 +9,12 @@ then runs every variant in its own child process and reads that child's peak RSS
 
 * ``tunedrop``   : ``shared.datasets.validate_path`` (structural checks, stats, duplicates), within the
                    dataset limits of the default settings, as ``check_dataset`` validates;
-* ``tunedrop+tok``: the same with token counting (SmolLM2's fast tokenizer, batched), when the
-                   tokenizer is in the model cache;
+* ``tunedrop+tok``: the same with token counting (SmolLM2's fast tokenizer, batched, one counting
+                   thread per core beside the parsing), when the tokenizer is in the model cache;
+* ``tok-serial`` : its baseline, counting as before issue 18: the same batches of 2048 texts counted
+                   one after the other on the validator's thread (``len(e.ids)``);
+* ``tok-rayon``  : the baseline with the tokenizer's own Rust thread pool switched on
+                   (TOKENIZERS_PARALLELISM=true), which the app keeps off (see shared/tokens.py);
 * ``pandas``     : the baseline, ``pandas.read_json(lines=True)`` then the same structural checks
                    in plain Python;
 * ``bare-parse`` : the ceiling, a loop that only parses each line with the JSON parser the
@@ -18,6 +22,9 @@ then runs every variant in its own child process and reads that child's peak RSS
 * ``bare-orjson`` : the same loop with orjson (the other fast parser), when installed, as a
                    second, stricter ceiling; the validator's time is shown as a ratio to each.
 
+Every token variant runs with TOKENIZERS_PARALLELISM=false, as the app sets it, but ``tok-rayon``.
+The runs are interleaved (each round runs every variant once), so that load from other processes
+falls on all of them alike; the best time of the rounds is shown, with the CPU seconds the child used.
 Figures are printed, never asserted (they depend on the machine).
 """
 
@@ -79,7 +86,18 @@ def generate(path: Path, size_mb: int, seed: int = 7) -> int:
 # -- the variants, each run as `python bench/validation.py --child VARIANT FILE` -----------------------
 
 
-def child_tunedrop(path: str, tokens: bool) -> dict:
+class SerialCount:
+    """Token counting as it was before issue 18: no ``threads`` attribute, so the validator counts each
+    batch of 2048 texts on its own thread, and the ids of every encoding are built to be counted."""
+
+    def __init__(self, fast) -> None:
+        self.fast, self.method, self.exact = fast, fast.method, True
+
+    def count(self, texts) -> list[int]:
+        return [len(e.ids) for e in self.fast._encode(list(texts), add_special_tokens=False)]
+
+
+def child_tunedrop(path: str, tokens: bool, serial: bool = False) -> dict:
     sys.path.insert(0, str(ROOT))
     from shared.datasets import validate_path
 
@@ -98,6 +116,10 @@ def child_tunedrop(path: str, tokens: bool) -> dict:
             "TUNEDROP_MODEL_CACHE", Path.home() / ".cache" / "tunedrop")))
         if tokenizer is None:
             return {"skipped": "no SmolLM2 tokenizer in the model cache"}
+        if serial:
+            from shared.datasets import token_count
+
+            tokenizer, token_count.TOKEN_BATCH = SerialCount(tokenizer), 2048
     start = time.perf_counter()
     report = validate_path(path, tokenizer=tokenizer, **limits) if tokens else validate_path(path, **limits)
     elapsed = time.perf_counter() - start
@@ -157,8 +179,9 @@ def child_bare(path: str, parser: str) -> dict:
 
 
 def run_child(variant: str, path: Path) -> dict:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="true" if variant == "tok-rayon" else "false")
     proc = subprocess.Popen([sys.executable, __file__, "--child", variant, str(path)], stdout=subprocess.PIPE,
-                            cwd=ROOT)
+                            cwd=ROOT, env=env)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -166,6 +189,7 @@ def run_child(variant: str, path: Path) -> dict:
         return {"error": f"exit {proc.returncode}"}
     result = json.loads(out)
     result["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    result["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     return result
 
 
@@ -181,12 +205,15 @@ def main() -> int:
     if args.child:
         variant, path = args.child
         result = {"tunedrop": lambda: child_tunedrop(path, False), "tunedrop+tok": lambda: child_tunedrop(path, True),
+                  "tok-serial": lambda: child_tunedrop(path, True, serial=True),
+                  "tok-rayon": lambda: child_tunedrop(path, True, serial=True),
                   "pandas": lambda: child_pandas(path), "bare-parse": lambda: child_bare(path, "msgspec"),
                   "bare-orjson": lambda: child_bare(path, "orjson")}[variant]()
         print(json.dumps(result))
         return 0
 
-    variants = ["bare-parse", "bare-orjson", "tunedrop", "pandas"] + ([] if args.no_tokens else ["tunedrop+tok"])
+    variants = ["bare-parse", "bare-orjson", "tunedrop", "pandas"] + (
+        [] if args.no_tokens else ["tunedrop+tok", "tok-serial", "tok-rayon"])
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     with tempfile.TemporaryDirectory(prefix="tunedrop-bench-") as tmp:
         folder = args.keep or Path(tmp)
@@ -201,8 +228,9 @@ def main() -> int:
                       f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             mb = path.stat().st_size / 1e6
             results = {}
-            for v in variants:  # best time of --repeat runs (each its own process), highest peak RSS
-                tries = [run_child(v, path) for _ in range(args.repeat)]
+            rounds = [[run_child(v, path) for v in variants] for _ in range(args.repeat)]  # interleaved
+            for i, v in enumerate(variants):  # best time of --repeat runs (each its own process), highest peak RSS
+                tries = [r[i] for r in rounds]
                 ok = [r for r in tries if "seconds" in r]
                 results[v] = (dict(min(ok, key=lambda r: r["seconds"]),
                                    peak_rss_mb=max(r["peak_rss_mb"] for r in ok)) if ok else tries[0])
@@ -230,8 +258,15 @@ def main() -> int:
                     notes.append(f"{pandas[0] / secs:.1f}x faster than pandas")
             if v.startswith("bare-"):
                 notes.append(f"parser: {extra.get('parser')}")
-            if v == "tunedrop+tok" and extra.get("tokens"):
-                notes.append(f"{extra['tokens']:,} tokens")
+            if v == "tunedrop+tok":
+                for b in ("tok-serial", "tok-rayon"):
+                    base = by.get((size, b)) or [None]
+                    if base[0]:
+                        notes.append(f"{base[0] / secs:.2f}x faster than {b}")
+                        if base[-1].get("tokens") != extra.get("tokens"):
+                            notes.append(f"TOKEN COUNTS DIFFER from {b}")
+            if v in ("tunedrop+tok", "tok-serial", "tok-rayon") and extra.get("tokens"):
+                notes.append(f"{extra['tokens']:,} tokens, {extra['cpu_seconds']:.1f} s CPU")
             print(f"{size:>5}MB {v:<13} {secs:>8.2f} {rate:>8.1f} {rss:>12.1f}  {'; '.join(notes)}")
     return 0
 

@@ -5,6 +5,10 @@
 exception there makes the host deliver the message again (up to host.json's maxDequeueCount, then
 `<queue>-poison`), so only errors a retry can cure are raised; events for other jobs, steps or
 workspaces are acknowledged.
+
+A local model server's "deployment ready" event (local backend only; Azure ML sends none) is acted on
+here, at once: finishing one ready deployment takes a few reads and one conditional write (milliseconds),
+and a queue would add its polling delay. Should it fail, the sweeper finishes the deployment as before.
 """
 
 import logging
@@ -24,6 +28,9 @@ log = logging.getLogger("tunedrop.functions.job_events")
 @bp.event_grid_trigger(arg_name="event")
 def job_events(event: func.EventGridEvent) -> None:
     run_event = RunEvent.from_function_event(event)
+    if run_event.is_deployment_ready:
+        get_pipeline().on_deployment_ready(run_event)
+        return
     if get_event_queue(Settings.from_env()).put(run_event):
         log.info("event %s (%s, job %s): queued", run_event.id, run_event.run_status, run_event.run_id)
 

@@ -1,7 +1,8 @@
 """Timer -> finish deployments that became ready, tear down idle endpoints, reconcile stale jobs.
 
 Timer triggers are never retried and run on one instance at a time; each sweep starts from the
-run store, so a missed tick is made up by the next one.
+run store, so a missed tick is made up by the next one. Locally a model server's ready event finishes
+its deployment first (job_events); the sweep is then the safety net, as it is the only way in Azure.
 """
 
 import logging

@@ -3,6 +3,11 @@
 Microsoft's own samples spell the data keys both camelCase and PascalCase, `runType` may be null,
 `runTags` empty and `runStatus` lower case ("failed"), so keys are read case-insensitively, missing
 ones are tolerated and statuses are put in their canonical spelling.
+
+One event type is the local backend's own: :data:`DEPLOYMENT_READY`, which a local model server posts
+the moment it serves, so that its run is finished at once instead of at the next sweep. Azure ML online
+deployments publish no such event (the workspace's Event Grid subscriptions carry only the two run event
+types), so in Azure the sweeper is what finds a deployment ready.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from shared.status import JobStatus, job_status
 RUN_COMPLETED = "Microsoft.MachineLearningServices.RunCompleted"
 RUN_STATUS_CHANGED = "Microsoft.MachineLearningServices.RunStatusChanged"
 RUN_EVENT_TYPES = (RUN_COMPLETED, RUN_STATUS_CHANGED)
+#: A local model server's word that it serves (local backend only). Only a hint: the app checks the
+#: deployment itself before the run moves (shared/pipeline/sweep.py, ``on_deployment_ready``).
+DEPLOYMENT_READY = "Tunedrop.Local.DeploymentReady"
 
 #: Tag put on every fine-tune job so its events lead back to the tunedrop run.
 RUN_ID_TAG = "tunedrop_run_id"
@@ -76,6 +84,15 @@ class RunEvent:
     def is_run_event(self) -> bool:
         return self.event_type in RUN_EVENT_TYPES
 
+    @property
+    def is_deployment_ready(self) -> bool:
+        return self.event_type == DEPLOYMENT_READY
+
+    @property
+    def endpoint_name(self) -> str:
+        """The endpoint a :data:`DEPLOYMENT_READY` event is about."""
+        return str(self._data.get("endpointname") or "")
+
     def foreign_to(self, workspace_id: str) -> str:
         """Why this event is none of the app's business, or "" when it is: it is not a run event, or
         it comes from another workspace than ``workspace_id`` (the topic Event Grid names)."""
@@ -114,7 +131,10 @@ class RunEvent:
 
     @property
     def tunedrop_run_id(self) -> str:
-        """The tunedrop run this job belongs to, from the job's tags (any casing)."""
+        """The tunedrop run this job belongs to, from the job's tags (any casing); for a
+        :data:`DEPLOYMENT_READY` event, the run whose endpoint it is."""
+        if self.is_deployment_ready:
+            return str(self._data.get("tunedroprunid") or "")
         return str(_lower_keys(self.run_tags).get(RUN_ID_TAG, "") or "")
 
     @property
@@ -163,5 +183,20 @@ def run_event(
         "eventTime": datetime.now(timezone.utc).isoformat(),
         "data": data,
         "dataVersion": "2",
+        "metadataVersion": "1",
+    }
+
+
+def deployment_ready_event(*, endpoint_name: str, run_id: str) -> dict[str, Any]:
+    """A local model server's :data:`DEPLOYMENT_READY` event (Event Grid schema) for ``endpoint_name``, the
+    endpoint of tunedrop run ``run_id``."""
+    return {
+        "id": str(uuid.uuid4()),
+        "topic": "tunedrop/local",
+        "subject": f"endpoints/{endpoint_name}",
+        "eventType": DEPLOYMENT_READY,
+        "eventTime": datetime.now(timezone.utc).isoformat(),
+        "data": {"endpointName": endpoint_name, "tunedropRunId": run_id},
+        "dataVersion": "1",
         "metadataVersion": "1",
     }

@@ -138,7 +138,8 @@ class Settings:
     )
     events_url: str = _setting(
         "http://127.0.0.1:7071/runtime/webhooks/EventGrid?functionName=job_events",
-        "Local backend: where its job lifecycle events are posted (the host's Event Grid route).",
+        "Local backend: where its jobs' lifecycle events and its model servers' ready events are posted (the "
+        "host's Event Grid route).",
         "TUNEDROP_EVENTS_URL",
     )
     workspace_id: str = _setting(
@@ -191,13 +192,21 @@ class Settings:
         "TUNEDROP_GENERATION_TIMEOUT_S", "generation stopped, HTTP 504 `generation_timeout`",
     )
     server_concurrency: int = _limit(
-        4, "Local model server: requests generated at once, taking turns a forward pass (a token) each, so a short "
-        "request is not held behind a long one.", "TUNEDROP_SERVER_CONCURRENCY",
+        16, "Local model server: requests generated at once, batched: every step gives each of them its next token in "
+        "one forward pass, and a request joins or leaves the batch between steps, so a short request is not held "
+        "behind a long one. More share each pass (more requests/s) and make each step slower; each holds its own "
+        "KV cache.", "TUNEDROP_SERVER_CONCURRENCY",
         "the request waits in the server's queue",
     )
     server_queue: int = _limit(
         64, "Local model server: requests that may wait beyond those being generated.", "TUNEDROP_SERVER_QUEUE",
         "HTTP 429 `server_busy` with `Retry-After`",
+    )
+    server_prefix_cache_tokens: int = _limit(
+        4096, "Local model server: prompt tokens whose KV the server keeps (least recently used out first) so that a "
+        "prompt starting like a recent one (a system prompt, the chat template's opening, a conversation's earlier "
+        "turns) reads only the rest. About 46 KB a token for SmolLM2-135M. 0: none kept.",
+        "TUNEDROP_SERVER_PREFIX_CACHE_TOKENS", "the least recently used prompt's KV is dropped",
     )
     gate_margin: float = _setting(
         0.0,
@@ -427,7 +436,8 @@ class Settings:
         for env, value, low in (("TUNEDROP_MAX_NEW_TOKENS", self.max_new_tokens, 1),
                                 ("TUNEDROP_MAX_PROMPT_TOKENS", self.max_prompt_tokens, 0),
                                 ("TUNEDROP_SERVER_CONCURRENCY", self.server_concurrency, 1),
-                                ("TUNEDROP_SERVER_QUEUE", self.server_queue, 0)):
+                                ("TUNEDROP_SERVER_QUEUE", self.server_queue, 0),
+                                ("TUNEDROP_SERVER_PREFIX_CACHE_TOKENS", self.server_prefix_cache_tokens, 0)):
             if value < low:
                 raise SettingsError(f"{env}={value} must be at least {low}.")
         if not self.generation_timeout_s > 0:

@@ -34,7 +34,19 @@ THROUGHPUT = {
 
 
 class FastTokenizer:
-    """Counts tokens with a ``tokenizers.Tokenizer`` loaded from a tokenizer.json, in batches."""
+    """Counts tokens with a ``tokenizers.Tokenizer`` loaded from a tokenizer.json, in batches.
+
+    ``count`` may be called from several threads at once (``threads = True``): the Rust encoder
+    runs outside the GIL, so :class:`~shared.datasets.token_count.TokenCounter` counts batches on
+    one thread per core. That is how counting uses the cores, not the tokenizer's own Rust thread
+    pool (rayon), which ``TOKENIZERS_PARALLELISM=false`` keeps off where the app sets it: a process
+    that forks after rayon started would hang in the child (tokenizers' fork handler then warns and
+    turns it off, unless the variable is set). Plain Python threads are not inherited by a forked
+    child and are gone when counting ends, so nothing of them outlives a validation.
+    """
+
+    #: count() releases the GIL: batches may be counted on several threads at once.
+    threads = True
 
     def __init__(self, path: Path | str, name: str):
         from tokenizers import Tokenizer
@@ -46,7 +58,17 @@ class FastTokenizer:
         self.exact = True
 
     def count(self, texts: Sequence[str]) -> list[int]:
-        return [len(e.ids) for e in self._encode(list(texts), add_special_tokens=False)]
+        """Tokens of each text, each distinct text encoded once (a system prompt repeated on every row of a
+        batch is encoded once for the batch)."""
+        distinct = dict.fromkeys(texts)
+        if len(distinct) == len(texts):
+            return self._lengths(texts if isinstance(texts, list) else list(texts))
+        counts = dict(zip(distinct, self._lengths(list(distinct)), strict=True))
+        return [counts[t] for t in texts]
+
+    def _lengths(self, texts: list[str]) -> list[int]:
+        # len(encoding) is len(encoding.ids), without building the list of ids in Python.
+        return list(map(len, self._encode(texts, add_special_tokens=False)))
 
 
 class EstimateTokenizer:

@@ -2,9 +2,12 @@
 drop -> validate -> LoRA fine-tune (tiny random Llama, SmolLM2's tokenizer) -> MLflow registry ->
 model server -> score through the HTTP function -> webhooks verified -> sweeper tears down."""
 
+import contextlib
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +17,7 @@ import pytest
 import function_app
 from shared import runs
 from shared.backends.local import LocalBackend, _alive, _read_json
+from shared.events import deployment_ready_event
 from shared.settings import Settings
 from shared.storage import default_storage, reset_default_storage
 from shared.webhooks import new_secret
@@ -27,8 +31,9 @@ from tunedrop.local import PROJECT_ROOT, embedded_environment
 QUICK_TRAINING = {"num_train_epochs": 1, "max_steps": 3, "max_seq_length": 64, "learning_rate": 1e-3}
 
 
-@pytest.fixture
-def app(storage_env, model_cache, monkeypatch, tmp_path):
+@contextlib.contextmanager
+def running_app(storage_env, model_cache, monkeypatch, tmp_path, **settings):
+    """The app in the local host, on Azurite, with a webhook receiver; ``settings`` over the tests' own."""
     secret = new_secret()
     port = free_port()
     state_dir = tmp_path / "state"
@@ -42,6 +47,7 @@ def app(storage_env, model_cache, monkeypatch, tmp_path):
             "TUNEDROP_TRAINING_OVERRIDES": json.dumps(QUICK_TRAINING),
             "TUNEDROP_IDLE_MINUTES": "0.2",
             "TUNEDROP_SWEEP_SCHEDULE": "*/1 * * * * *",
+            **settings,
         })
         for key, value in env.items():
             monkeypatch.setenv(key, value)
@@ -52,6 +58,22 @@ def app(storage_env, model_cache, monkeypatch, tmp_path):
             yield SimpleNamespace(host=host, receiver=receiver, settings=Settings.from_env(), port=port,
                                   state_dir=state_dir)
         LocalBackend(Settings.from_env()).stop_all()
+
+
+@pytest.fixture
+def app(storage_env, model_cache, monkeypatch, tmp_path):
+    with running_app(storage_env, model_cache, monkeypatch, tmp_path) as running:
+        yield running
+
+
+#: A sweeper that never runs during a test (NCRONTAB: midnight on the first of January).
+NEVER = "0 0 0 1 1 *"
+
+
+@pytest.fixture
+def app_without_sweeps(storage_env, model_cache, monkeypatch, tmp_path):
+    with running_app(storage_env, model_cache, monkeypatch, tmp_path, TUNEDROP_SWEEP_SCHEDULE=NEVER) as running:
+        yield running
 
 
 def drop(settings, name: str, data: bytes) -> str:
@@ -198,3 +220,51 @@ def test_bad_dataset_is_quarantined_with_its_report(app):
     assert report["errors"][0]["line"] == 7
     assert runs.RunStore.from_settings(app.settings).get(run_id).state == runs.REJECTED
     assert not list(Path(app.state_dir).glob("jobs/*"))  # nothing was trained
+
+
+def test_a_ready_deployment_is_finished_by_its_servers_event_not_by_the_sweep(app_without_sweeps, caplog):
+    """No idle waits: the model server says it is ready and the run is deployed at once, the sweeper never having
+    run; a duplicate event changes nothing; a wake is finished the same way."""
+    app = app_without_sweeps
+    caplog.set_level(logging.INFO)
+    store = runs.RunStore.from_settings(app.settings)
+    run_id = drop(app.settings, "sums.jsonl", conversations(16))
+
+    def deployed(cycle: int = 0):
+        run = store.find(run_id)
+        assert run is None or run.state not in (runs.FAILED, runs.REJECTED), run.error
+        return run if run is not None and run.state == runs.DEPLOYED and run.cycle == cycle else None
+
+    def ready_to_deployed(run) -> float:
+        """Seconds from the model server writing "ready" to the run being deployed."""
+        ready_at = (app.state_dir / "endpoints" / run.endpoint_name / "state.json").stat().st_mtime
+        return datetime.fromisoformat(run.deployed_at).timestamp() - ready_at
+
+    run = wait_for(deployed, 240, "deployed")
+    took = ready_to_deployed(run)
+    print(f"ready -> deployed: {took:.3f} s")
+    assert took < 5  # the next sweep is a year away
+    key = {"x-functions-key": app.host.function_key}
+    score = httpx.post(f"http://127.0.0.1:{app.port}/api/runs/{run_id}/score", json={"input_data": small_request()},
+                       headers=key, timeout=60)
+    assert score.status_code == 200
+
+    # The event again, as Event Grid may deliver it: acknowledged, nothing changes, no second webhook.
+    again = httpx.post(f"http://127.0.0.1:{app.port}/runtime/webhooks/EventGrid?functionName=job_events",
+                       json=[deployment_ready_event(endpoint_name=run.endpoint_name, run_id=run_id)],
+                       headers={"aeg-event-type": "Notification"}, timeout=30)
+    assert again.status_code == 202
+    assert store.get(run_id).history == run.history
+    app.receiver.wait_for("endpoint.ready")
+
+    # Put to sleep and woken: the new cycle's server says it is ready too.
+    url = f"http://127.0.0.1:{app.port}/api/runs/{run_id}"
+    assert httpx.post(f"{url}/undeploy", headers=key, timeout=60).status_code == 200
+    assert httpx.post(f"{url}/deploy", headers=key, timeout=60).status_code in (200, 202)
+    woken = wait_for(lambda: deployed(cycle=1), 120, "deployed again")
+    print(f"wake: ready -> deployed: {ready_to_deployed(woken):.3f} s")
+    assert ready_to_deployed(woken) < 5
+    time.sleep(0.5)  # any webhook a duplicate might have queued
+    assert [p["type"] for p in app.receiver.received].count("endpoint.ready") == 2  # one a cycle
+    assert "Functions.job_events" in caplog.text  # (the host logs each invocation)
+    assert "Functions.sweeper" not in caplog.text  # the sweeper never ran: the events did it all

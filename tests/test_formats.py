@@ -18,6 +18,7 @@ from shared.datasets import (
     validate_chunks,
     validate_path,
 )
+from shared.datasets.report import IssueLog
 from shared.tokens import EstimateTokenizer, estimate, find_tokenizer
 from shared.training import TrainingConfig
 from tests.test_validation import SETTINGS, chunked, codes, dataset, line, row
@@ -184,6 +185,110 @@ def test_fast_tokenizer_from_the_model_cache(model_cache):
     report = validate_chunks([dataset()], tokenizer=tok, max_seq_length=512)
     assert report.stats["tokens"]["exact"] is True and report.stats["tokens"]["over_max_seq_length"] == 0
     assert find_tokenizer("Phi-3-mini-4k-instruct", cache) is None
+
+
+class _ThreadedEstimate(EstimateTokenizer):
+    """The estimate, counted on the counting threads (as the fast tokenizer is), each batch finishing after a
+    random delay so that batches complete out of order."""
+
+    threads = True
+
+    def __init__(self) -> None:
+        import random
+        import threading
+
+        self._rng, self._lock = random.Random(5), threading.Lock()
+        self.calls: set[str] = set()
+
+    def count(self, texts):
+        import threading
+        import time
+
+        with self._lock:
+            delay = self._rng.random() / 500
+            self.calls.add(threading.current_thread().name)
+        time.sleep(delay)
+        return super().count(texts)
+
+
+def _long_and_multibyte_rows(n: int) -> bytes:
+    rows = []
+    for i in range(n):
+        r = row(i)
+        r["messages"][1]["content"] = ("café naïve 東京 😀 " * (i % 9)) + f"answer {i}" + " word" * (i % 40)
+        rows.append(line(r))
+    return b"\n".join(rows)
+
+
+def test_counting_threads_keep_every_figure_and_the_order(monkeypatch):
+    from shared.datasets import token_count
+
+    data = _long_and_multibyte_rows(400)
+    serial = validate_chunks([data], tokenizer=EstimateTokenizer(), max_seq_length=40)
+    assert serial.stats["tokens"]["over_max_seq_length"] > 0 and codes(serial.warnings) == ["too_long"]
+    monkeypatch.setattr(token_count, "counting_threads", lambda: 3)
+    monkeypatch.setattr(token_count, "TOKEN_BATCH", 21)  # batches of 7 texts: dozens in flight, out of order
+    threaded = _ThreadedEstimate()
+    report = validate_chunks([data], tokenizer=threaded, max_seq_length=40)
+    assert report.stats["tokens"] == serial.stats["tokens"]
+    assert [(w.code, w.line, w.message) for w in report.warnings] == [
+        (w.code, w.line, w.message) for w in serial.warnings]  # the first line over max_seq_length too
+    assert threaded.calls and all(name.startswith("tunedrop-tokens") for name in threaded.calls)
+
+
+def test_counting_threads_end_with_the_validation(monkeypatch):
+    import threading
+
+    from shared.datasets import token_count
+
+    monkeypatch.setattr(token_count, "counting_threads", lambda: 2)
+    monkeypatch.setattr(token_count, "TOKEN_BATCH", 8)
+    data = _long_and_multibyte_rows(300)
+
+    def counting() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("tunedrop-tokens")]
+
+    threaded = _ThreadedEstimate()
+    assert validate_chunks([data], tokenizer=threaded).accepted and threaded.calls and not counting()
+    stopped = validate_chunks(chunked(data, 4096), tokenizer=_ThreadedEstimate(), max_tokens=500)  # stops early
+    assert codes(stopped.errors) == ["too_many_tokens"] and stopped.stats["stopped_early"] and not counting()
+
+
+def test_fast_counts_are_those_of_a_plain_encode(model_cache, monkeypatch):
+    """The fast path (encode_batch_fast, len of each encoding, batches on several threads) counts exactly what
+    encoding each text on its own counts: multi-byte text, special-token look-alikes, repeats, empty."""
+    from shared.datasets import token_count
+    from shared.datasets.token_count import TokenCounter
+
+    cache = Path(os.environ.get("TUNEDROP_MODEL_CACHE", Path.home() / ".cache" / "tunedrop")).expanduser()
+    tok = find_tokenizer("smollm2-135m-instruct", cache) or find_tokenizer("smollm2-135m-instruct", model_cache)
+    if tok is None:
+        pytest.skip("no SmolLM2 tokenizer cached on this machine")
+    system = "You are a helpful assistant. Réponds en français, s'il te plaît."
+    texts = [system, "", " ", "café naïve résumé", "東京は日本の首都です。", "😀👍🏽 👨‍👩‍👧", "e\u0301 vs \u00e9",
+             "<|im_start|>user\nhi<|im_end|>", "tab\tnew\nline \\ \"quoted\"", "1234567890 3.14159",
+             "https://example.com/a?b=c&d=%20", "x" * 5000, ("naïve 東京 😀 " * 300)]
+    sample = [texts[i % len(texts)] if i % 3 else system for i in range(600)]  # the system prompt repeats
+    plain = [len(tok._tok.encode(t, add_special_tokens=False).ids) for t in sample]
+    assert tok.count(sample) == plain and tok.count(tuple(sample[:50])) == plain[:50]  # repeats: encoded once
+    assert tok.count(texts) == [len(tok._tok.encode(t, add_special_tokens=False).ids) for t in texts]  # distinct
+
+    class Plain:  # one encode per text, counted on the validator's thread
+        method, exact = tok.method, True
+
+        def count(self, batch):
+            return [len(tok._tok.encode(t, add_special_tokens=False).ids) for t in batch]
+
+    def counted(tokenizer) -> dict:
+        counter = TokenCounter(tokenizer, 200)
+        for i in range(0, len(sample), 3):
+            counter.add(i + 1, sample[i:i + 3])
+        return counter.stats(IssueLog(50))
+
+    monkeypatch.setattr(token_count, "counting_threads", lambda: 2)
+    monkeypatch.setattr(token_count, "TOKEN_BATCH", 64)
+    assert TokenCounter(tok, None).threads == 2 and TokenCounter(Plain(), None).threads == 1
+    assert counted(tok) == counted(Plain())
 
 
 def test_estimate_line():

@@ -12,7 +12,7 @@ from azure.functions.timer import TimerRequest
 
 from shared import runs
 from shared.backends.base import job_name_for
-from shared.events import RUN_ID_TAG, run_event
+from shared.events import RUN_ID_TAG, deployment_ready_event, run_event
 from shared.pipeline import get_pipeline
 from shared.runs import Run
 from shared.settings import Settings
@@ -200,6 +200,37 @@ def test_job_events_only_queues_the_event_and_job_event_worker_acts_on_it(app_en
     foreign = grid_event("Failed", run.job_name, topic=WORKSPACE.replace("local", "other"))
     handler("job_events")(foreign)
     assert queued_run_events() == []  # not a run event of this workspace: nothing to queue
+
+
+def test_job_events_finishes_a_ready_deployment_at_once_from_its_model_servers_event(app_env):
+    """A local model server's ready event is acted on in job_events itself (no queue, no sweep), and checked."""
+    import subprocess
+
+    from shared.backends.local import _started
+
+    endpoint = "td-data-0123456789"
+    run = make_run(runs.DEPLOYING, endpoint_name=endpoint, deploy_started_at=runs.utcnow().isoformat())
+    ep_dir = Settings.from_env().state_dir / "endpoints" / endpoint  # as the backend leaves a server it started
+    ep_dir.mkdir(parents=True)
+    server = subprocess.Popen(["sleep", "60"], start_new_session=True)  # stands in for the model server
+    try:
+        (ep_dir / "endpoint.json").write_text(json.dumps({"pid": server.pid, "started": _started(server.pid),
+                                                          "port": 9, "run_id": run.run_id}))
+        raw = deployment_ready_event(endpoint_name=endpoint, run_id=run.run_id)
+        event = func.EventGridEvent(id=raw["id"], data=raw["data"], topic=raw["topic"], subject=raw["subject"],
+                                    event_type=raw["eventType"], event_time=None, data_version=raw["dataVersion"])
+        handler("job_events")(event)  # the server says ready, its state file does not: nothing moves
+        assert get_pipeline().store.get(run.run_id).state == runs.DEPLOYING
+        (ep_dir / "state.json").write_text(json.dumps({"state": "ready", "pid": server.pid}))
+        handler("job_events")(event)
+        assert get_pipeline().store.get(run.run_id).state == runs.DEPLOYED
+        handler("job_events")(event)  # Event Grid delivers at least once: a repeat changes nothing
+        default_storage().ensure_queue(Settings.from_env().job_events_queue)
+        assert queued_run_events() == []  # acted on, never queued
+        assert [p["type"] for p in queued_webhooks(Settings.from_env())] == ["endpoint.ready"]
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_job_events_failed_job_fails_the_run_with_the_reason(app_env):

@@ -317,7 +317,7 @@ def retry(run_id: str):
 @click.argument("run_id")
 @click.option("--force", is_flag=True, help="Deploy a model the quality gate held back (the override is recorded).")
 def deploy(run_id: str, force: bool):
-    """Wake a sleeping (torn-down) run, or deploy a gated one with --force; the next sweep makes it ready."""
+    """Wake a sleeping (torn-down) run, or deploy a gated one with --force; it serves once its endpoint is ready."""
     client = _client()
     run = _api(lambda: client.deploy(run_id, force))
     click.echo(f"{run['run_id']}: {run['state']} (cycle {run.get('cycle', 0)}, endpoint {run.get('endpoint_name')})")

@@ -19,7 +19,8 @@ from tunedrop.local import PROJECT_ROOT
 from tunedrop.receiver import PostReceiver
 
 #: The demo trains with the base model's own defaults (shared/model_defaults.py), as `tunedrop up` does; only
-#: its clock is quicker: a fast sweeper and a short idle time, so that it also shows teardown and wake.
+#: its clock is quicker: a fast sweeper and a short idle time, so that it also shows teardown and wake (a ready
+#: deployment does not wait for the sweeper: its model server's ready event finishes it).
 DEMO_IDLE_MINUTES = 0.25
 DEMO_SWEEP_SCHEDULE = "*/3 * * * * *"
 #: How often the demo prints a moving run's progress line.

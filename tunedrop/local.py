@@ -8,7 +8,8 @@ from pathlib import Path
 from shared.settings import Settings, binding_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-#: How often `tunedrop up` sweeps (NCRONTAB, seconds first): finished deployments show up within 10 s.
+#: How often `tunedrop up` sweeps (NCRONTAB, seconds first). A ready deployment does not wait for it (its model
+#: server's ready event finishes it at once): the sweep tears idle endpoints down and makes up for a lost event.
 LOCAL_SWEEP_SCHEDULE = "*/10 * * * * *"
 
 
@@ -35,7 +36,7 @@ def embedded_environment(connection_string: str, *, state_dir: Path, port: int =
         "TUNEDROP_EVENTS_URL": f"http://127.0.0.1:{port}/runtime/webhooks/EventGrid?functionName=job_events",
         "TUNEDROP_BLOB_TRIGGER_SOURCE": "LogsAndContainerScan",
         "TUNEDROP_WEBHOOK_ALLOW_PRIVATE": "true",  # receivers on this machine
-        # A local endpoint is ready in seconds; Azure's 5-minute sweep would leave it "deploying" that long.
+        # Azure's 5-minute sweep would leave an idle endpoint (and a deployment whose ready event was lost) that long.
         "TUNEDROP_SWEEP_SCHEDULE": LOCAL_SWEEP_SCHEDULE,
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",

@@ -239,6 +239,8 @@ class Validator:
     def report(self, source: str) -> Report:
         log = self.log
         tokens = self.tokens.stats(log) if self.tokens is not None and not self.fatal else None
+        if self.tokens is not None and self.fatal:
+            self.tokens.close()  # batches still being counted on other threads: dropped
         read = self.reader.bytes if isinstance(self.reader, ParquetReader) else self.lines.read
         if not self.fatal:
             if tokens is not None and self.max_tokens is not None and tokens["total"] > self.max_tokens:

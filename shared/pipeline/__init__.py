@@ -3,6 +3,7 @@
     ingest(blob)          validate -> quarantine, or submit the fine-tune          (blob trigger)
     on_run_event(event)   job running / succeeded -> register -> begin deploy     (Event Grid)
     sweep()               deployments ready -> traffic; idle -> delete; reconcile (timer)
+    on_deployment_ready(event)   one deployment ready -> traffic, at once (a local model server's event)
 
 Every step is idempotent: the run store refuses stale transitions, the backend finds what an
 earlier attempt made, and a webhook goes out only from the call that made the state change.

@@ -1,5 +1,10 @@
 """The sweeper's rounds (a timer): finish deployments that became ready, tear down idle endpoints,
-and reconcile what an event or a crashed function left behind."""
+and reconcile what an event or a crashed function left behind.
+
+A local model server also says when it is ready (a ``DEPLOYMENT_READY`` event, shared/events.py):
+:meth:`Sweeper.on_deployment_ready` finishes that one deployment at once, by the same rule as the sweep
+(:meth:`Sweeper._finish_if_ready`). Azure ML sends no such event; there the sweep is what finds a
+deployment ready, and locally it stays the safety net for an event that never came."""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from shared import faults, runs
-from shared.backends.base import DEPLOY_CREATING, DEPLOY_MISSING, DEPLOY_READY
+from shared.backends.base import DEPLOY_CREATING, DEPLOY_MISSING, DEPLOY_READY, DeploymentInfo
+from shared.events import RunEvent
 from shared.pipeline.ingest import CLAIM_LEASE, Ingest
 from shared.pipeline.jobs import JobSteps
 from shared.pipeline.steps import log
@@ -73,13 +79,41 @@ class Sweeper(Ingest, JobSteps):
         self.ingest(blob, now=now)
         result.advanced.append(run.run_id)
 
+    def on_deployment_ready(self, event: RunEvent) -> Run | None:
+        """A local model server says it serves: finish its run's deployment now, not at the next sweep.
+
+        The event is a hint, never trusted: it counts only for the endpoint its run is deploying now (an
+        earlier cycle's endpoint, an unknown run or a run that moved on change nothing), and only when the
+        backend itself says the deployment is ready. A duplicate or late event finds the run deployed and
+        changes nothing; an event that never came is made up by the sweep. The run when this call moved it,
+        else None."""
+        run = self.store.find(event.tunedrop_run_id) if event.tunedrop_run_id else None
+        if run is None or run.state != runs.DEPLOYING or not event.endpoint_name \
+                or run.endpoint_name != event.endpoint_name:
+            why = ("no such run" if run is None else f"run {run.run_id} is {run.state}" if run.state != runs.DEPLOYING
+                   else f"run {run.run_id} deploys {run.endpoint_name}")
+            log.info("event %s: endpoint %s ready: %s, ignored", event.id, event.endpoint_name or "?", why)
+            return None
+        moved = self._finish_if_ready(run, self.backend.get_deployment(run.endpoint_name), utcnow())
+        if moved is not None:
+            log.info("event %s: run %s is deployed (endpoint %s ready)", event.id, run.run_id, run.endpoint_name)
+        return moved
+
+    def _finish_if_ready(self, run: Run, info: DeploymentInfo, now: datetime) -> Run | None:
+        """The one rule that finishes a deploying run: only when the backend says its deployment is ready,
+        give it all traffic and move the run to deployed, with the ``endpoint.ready`` webhook. The run when
+        this call moved it; None when it is not ready, or another call (the sweep, an event) moved it first."""
+        if info.state != DEPLOY_READY:
+            return None
+        self.backend.activate(run.endpoint_name)
+        return self._move(run.run_id, runs.DEPLOYED, "endpoint.ready",
+                          {"endpoint_name": run.endpoint_name, "score_path": f"/api/runs/{run.run_id}/score"},
+                          deployed_at=now.isoformat())
+
     def _sweep_deploying(self, run: Run, now: datetime, result: SweepResult) -> None:
         info = self.backend.get_deployment(run.endpoint_name)
         if info.state == DEPLOY_READY:
-            self.backend.activate(run.endpoint_name)
-            if self._move(run.run_id, runs.DEPLOYED, "endpoint.ready",
-                          {"endpoint_name": run.endpoint_name, "score_path": f"/api/runs/{run.run_id}/score"},
-                          deployed_at=now.isoformat()):
+            if self._finish_if_ready(run, info, now):
                 result.ready.append(run.run_id)
             return
         started = datetime.fromisoformat(run.deploy_started_at or run.updated_at)

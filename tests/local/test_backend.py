@@ -17,7 +17,7 @@ import pytest
 from shared import runs
 from shared.backends.base import BackendError, job_name_for
 from shared.backends.local import LocalBackend, _alive, _read_json, _started
-from shared.events import RUN_ID_TAG, RunEvent, run_event
+from shared.events import RUN_ID_TAG, RunEvent, deployment_ready_event, run_event
 from shared.pipeline import Pipeline
 from shared.runs import Run
 from shared.settings import Settings
@@ -211,6 +211,48 @@ def test_a_deployment_never_ready_fails_as_deploy_timeout_and_its_endpoint_is_de
     assert failed_webhook(settings)["code"] == "deploy_timeout"
     server.wait(timeout=15)  # nothing is left running
     assert not ep_dir.exists()
+
+
+def ready_event(endpoint: str, run_id: str) -> RunEvent:
+    """A model server's DEPLOYMENT_READY event as job_events reads it."""
+    return RunEvent.from_json(json.dumps(deployment_ready_event(endpoint_name=endpoint, run_id=run_id)))
+
+
+def test_a_ready_event_finishes_its_deployment_once_and_only_when_the_backend_says_it_is_ready(local):
+    pipeline, backend, settings = local
+    run = make_run(pipeline, runs.REGISTERED)
+    endpoint = "td-chat-0123456789"
+    stand_in_server(backend, run, endpoint)  # still loading: no state file yet
+    pipeline.store.transition(run.run_id, runs.DEPLOYING, endpoint_name=endpoint, model_name="m", model_version="1",
+                              deploy_started_at=runs.utcnow().isoformat())
+    event = ready_event(endpoint, run.run_id)
+    assert event.is_deployment_ready and not event.is_run_event
+    assert pipeline.on_deployment_ready(event) is None  # the event's word alone moves nothing
+    assert pipeline.on_deployment_ready(ready_event("td-chat-earlier0000", run.run_id)) is None  # another endpoint
+    assert pipeline.on_deployment_ready(ready_event(endpoint, "no-such-run-0123")) is None
+    assert pipeline.store.get(run.run_id).state == runs.DEPLOYING
+
+    (backend.endpoints_dir / endpoint / "state.json").write_text(json.dumps({"state": "ready"}))  # it serves
+    deployed = pipeline.on_deployment_ready(event)
+    assert deployed.state == runs.DEPLOYED and deployed.deployed_at
+    assert pipeline.on_deployment_ready(event) is None  # a duplicate delivery
+    assert pipeline.on_deployment_ready(ready_event(endpoint, run.run_id)) is None  # a second event, late
+    assert pipeline.sweep().ready == []  # nothing left for the sweeper
+    assert pipeline.store.get(run.run_id).history == deployed.history
+    assert webhook_types(settings) == ["endpoint.ready"]  # exactly once
+
+
+def test_a_ready_event_for_a_failed_deployment_leaves_it_to_the_sweeper(local):
+    pipeline, backend, settings = local
+    run = make_run(pipeline, runs.REGISTERED)
+    endpoint = "td-chat-0123456789"
+    stand_in_server(backend, run, endpoint, state="failed", error="OSError: no model")
+    pipeline.store.transition(run.run_id, runs.DEPLOYING, endpoint_name=endpoint, model_name="m", model_version="1",
+                              deploy_started_at=runs.utcnow().isoformat())
+    assert pipeline.on_deployment_ready(ready_event(endpoint, run.run_id)) is None
+    assert pipeline.store.get(run.run_id).state == runs.DEPLOYING
+    assert pipeline.sweep().failed == [run.run_id]  # the sweep's rule: a failed deployment fails the run
+    assert webhook_types(settings) == ["run.failed"]  # and no endpoint.ready ever
 
 
 def test_cancel_during_training_stops_the_trainer_and_a_canceled_run_can_be_retried(local):

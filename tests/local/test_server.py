@@ -13,13 +13,16 @@ import urllib.request
 
 import pytest
 
-from tests.local.conftest import ROOT
+from shared.events import DEPLOYMENT_READY, RunEvent
+from tests.local.conftest import ROOT, EventRecorder
+from tests.waiting import wait_for
 from tunedrop.azurite import free_port
 
 KEY = "test-key-0123456789abcdef"
+ENDPOINT, RUN_ID = "td-sums-0123456789", "sums-0123456789ab"
 
 
-def start_server(tmp_path, model_uri, tracking_uri, model_cache, name="server"):
+def start_server(tmp_path, model_uri, tracking_uri, model_cache, name="server", extra_args=()):
     key_file = tmp_path / f"{name}.key"
     key_file.write_text(KEY + "\n")
     state_file = tmp_path / f"{name}.state.json"
@@ -28,7 +31,7 @@ def start_server(tmp_path, model_uri, tracking_uri, model_cache, name="server"):
     process = subprocess.Popen(
         [sys.executable, "-m", "shared.backends.local.server", "--model-uri", model_uri, "--tracking-uri",
          tracking_uri, "--port", str(port), "--key-file", str(key_file), "--state-file", str(state_file),
-         "--model-cache-dir", str(model_cache)],
+         "--model-cache-dir", str(model_cache), *extra_args],
         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT,
     )
     log.close()
@@ -64,13 +67,16 @@ def server(trained_run, model_cache, tmp_path_factory):
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
     tmp_path = tmp_path_factory.mktemp("server")
+    app = EventRecorder()  # stands in for the Functions host's Event Grid route
     process, port, state_file = start_server(tmp_path, f"models:/sums-chat/{version.version}", tracking_uri,
-                                             model_cache)
+                                             model_cache, extra_args=["--events-url", app.url, "--endpoint-name",
+                                                                      ENDPOINT, "--run-id", RUN_ID])
     log = tmp_path / "server.log"
     assert state_file.exists(), log.read_text()
     state = json.loads(state_file.read_text())
     assert state["state"] == "ready", log.read_text()
-    yield {"process": process, "port": port, "state": state, "state_file": state_file, "log": log}
+    yield {"process": process, "port": port, "state": state, "state_file": state_file, "log": log, "app": app}
+    app.close()
     if process.poll() is None:
         process.kill()
         process.wait()
@@ -89,6 +95,32 @@ def test_ready_state_and_health(server):
     assert server["state"]["pid"] == server["process"].pid and server["state"]["port"] == server["port"]
     assert server["state"]["model_uri"].startswith("models:/sums-chat/")
     assert request(server["port"], "/health") == (200, {"status": "ready"})
+
+
+def test_once_ready_it_tells_the_app_once_naming_its_endpoint_and_run(server):
+    """The app finishes the run's deployment on this event instead of at its next sweep."""
+    (post,) = wait_for(lambda: server["app"].posts, 30, "the ready event")
+    assert post["headers"]["aeg-event-type"] == "Notification"
+    (raw,) = post["body"]  # an Event Grid delivery: an array of events
+    event = RunEvent.from_json(json.dumps(raw))
+    assert event.event_type == DEPLOYMENT_READY and event.is_deployment_ready and not event.is_run_event
+    assert (event.endpoint_name, event.tunedrop_run_id) == (ENDPOINT, RUN_ID)
+    wait_for(lambda: "ready event delivered" in server["log"].read_text(), 10, "the log line")
+    log = server["log"].read_text()
+    assert "EventGrid" not in log and "functionName" not in log  # the URL (it could hold a key) is never logged
+    time.sleep(0.5)
+    assert len(server["app"].posts) == 1
+
+
+def test_an_app_that_is_down_costs_the_ready_server_nothing(capfd):
+    """A host that is down: two quick tries, logged, never raised; the app's sweep then finds the state file."""
+    from shared.backends.local.server import say_ready
+
+    started = time.monotonic()
+    assert say_ready(f"http://127.0.0.1:{free_port()}/runtime/webhooks/EventGrid?code=s3cret", ENDPOINT, RUN_ID) is False
+    assert time.monotonic() - started < 5
+    logged = capfd.readouterr().err
+    assert "ready event not delivered" in logged and "s3cret" not in logged
 
 
 def test_score_answers_with_a_string(server):

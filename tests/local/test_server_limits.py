@@ -12,12 +12,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from types import SimpleNamespace
 
 import pytest
 
-from shared.backends.local.generation import PREFILL_CHUNK_TOKENS, Limits, Refused, Scheduler
+from shared.backends.local.batching import PREFILL_CHUNK_TOKENS
+from shared.backends.local.generation import Limits, Refused, Scheduler
 from shared.backends.local.server import Generator, make_server
 
 KEY = "limits-key"
@@ -98,7 +100,7 @@ def wait_for(condition, timeout_s: float, what: str):
         time.sleep(0.01)
 
 
-def test_greedy_output_is_model_generates_even_when_requests_take_turns(generator, monkeypatch):
+def test_greedy_output_is_model_generates_even_when_requests_are_batched(generator, monkeypatch):
     import torch
 
     prompts = ["What is 2 plus 3?", "Tell me a story about a dragon.",
@@ -111,7 +113,7 @@ def test_greedy_output_is_model_generates_even_when_requests_take_turns(generato
             output = generator.model.generate(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=2)
         expected.append(output[0, inputs["input_ids"].shape[1]:].tolist())
     assert len({tuple(e) for e in expected}) == 3 and all(len(set(e)) > 5 for e in expected)  # not degenerate
-    monkeypatch.setattr(generator, "answer", lambda output, prompt_len, n: output[0, prompt_len:].tolist())
+    monkeypatch.setattr(generator, "answer", lambda new_ids, prompt_len, sampling: new_ids)
     scheduler = Scheduler(generator, Limits(concurrency=3))
     try:
         got = [None] * 3
@@ -127,6 +129,48 @@ def test_greedy_output_is_model_generates_even_when_requests_take_turns(generato
     finally:
         scheduler.close()
     assert got == expected
+
+
+def test_concurrent_requests_share_forward_passes(generator):
+    """Eight requests of 12 tokens at once: batched, they take about 12 passes plus their prompts' reading, where
+    one at a time they took 8 x 12; each still gets its own answer (the one it gets alone)."""
+    prompts = [f"Tell me about the number {i}." for i in range(8)]
+    with serving(generator, Limits(concurrency=8)) as server:
+        alone = [post(server.port, seed(p, max_new_tokens=12, do_sample=False))[1]["output"] for p in prompts[:2]]
+        before = server.slow.forwards
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            replies = list(pool.map(lambda p: post(server.port, seed(p, max_new_tokens=12, do_sample=False)), prompts))
+        passes = server.slow.forwards - before
+    assert all(status == 200 for status, _, _ in replies)
+    assert [body["output"] for _, body, _ in replies[:2]] == alone
+    assert len({body["output"] for _, body, _ in replies}) > 1
+    assert passes <= 40, f"{passes} forward passes for 8 x 12 tokens: not batched"
+
+
+def test_a_prompt_that_starts_like_a_recent_one_reads_only_the_rest(generator):
+    """A long system prompt repeated by every request is read once: the next request's prompt pass reads only
+    what follows it, and its answer is the one the model gives that prompt read whole."""
+    system = {"role": "system", "content": "You answer in one short sentence, politely. " * 30}
+    asks = [[system, {"role": "user", "content": text}] for text in ("What is 2 plus 3?", "Name a colour.")]
+    greedy = {"max_new_tokens": 10, "do_sample": False}
+    whole = [generator.generate(messages, greedy) for messages in asks]
+    passes: list[list[int]] = []  # per request, the tokens each forward pass reads
+    hook = generator.model.register_forward_pre_hook(
+        lambda module, args, kwargs: passes[-1].append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    scheduler = Scheduler(generator, Limits(concurrency=2))
+    answers = []
+    try:
+        for messages in asks:
+            passes.append([])
+            answers.append(scheduler.serve(messages, dict(greedy)))
+    finally:
+        scheduler.close()
+        hook.remove()
+    prompt = [int(generator.encode(messages)["input_ids"].shape[1]) for messages in asks]
+    assert answers == whole
+    first, second = (sum(n for n in p if n > 1) for p in passes)  # prompt passes; then one token a pass
+    assert first == prompt[0] and prompt[1] > 250
+    assert second < 30, f"of the second prompt's {prompt[1]} tokens, {second} were read: its prefix was read again"
 
 
 def test_a_short_request_is_answered_while_a_long_one_runs(generator):
@@ -239,21 +283,22 @@ def test_the_backend_starts_servers_with_the_settings_limits(tmp_path, monkeypat
     from shared.settings import Settings
 
     settings = Settings(state_dir=tmp_path, max_new_tokens=64, max_prompt_tokens=1000, generation_timeout_s=5.0,
-                        server_concurrency=2, server_queue=3)
+                        server_concurrency=2, server_queue=3, server_prefix_cache_tokens=100)
     spawned = []
     monkeypatch.setattr(local, "_spawn", lambda module, args, log: spawned.append(args) or 999_999_999)
     local.LocalBackend(settings).begin_deploy(SimpleNamespace(run_id="run-1", cycle=0), ModelRef("m", "1"))
     args = spawned[0]
     given = {args[i]: args[i + 1] for i in range(0, len(args), 2)}
     assert {k: given[k] for k in ("--max-new-tokens", "--max-prompt-tokens", "--generation-timeout-s",
-                                  "--concurrency", "--queue")} == {
+                                  "--concurrency", "--queue", "--prefix-cache-tokens")} == {
         "--max-new-tokens": "64", "--max-prompt-tokens": "1000", "--generation-timeout-s": "5.0",
-        "--concurrency": "2", "--queue": "3"}
+        "--concurrency": "2", "--queue": "3", "--prefix-cache-tokens": "100"}
     # The server's own defaults are the settings' defaults.
     defaults = {f.name: f.default for f in fields(Settings)}
     assert Limits() == Limits(max_new_tokens=defaults["max_new_tokens"], max_prompt_tokens=defaults["max_prompt_tokens"],
                               generation_timeout_s=defaults["generation_timeout_s"],
-                              concurrency=defaults["server_concurrency"], queue=defaults["server_queue"])
+                              concurrency=defaults["server_concurrency"], queue=defaults["server_queue"],
+                              prefix_cache_tokens=defaults["server_prefix_cache_tokens"])
     assert defaults["generation_timeout_s"] < defaults["score_timeout_s"]
 
 

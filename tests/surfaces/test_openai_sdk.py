@@ -91,7 +91,7 @@ def test_errors_are_the_sdks_own_exceptions_with_message_param_and_code(client, 
 
 def test_a_sleeping_model_wakes_on_a_request_that_gets_a_503_saying_so(client, served, deployed_run):
     answer = httpx.post(f"{served.base_url}/api/runs/{deployed_run.run_id}/undeploy",
-                        headers={"x-functions-key": served.key})
+                        headers={"x-functions-key": served.key}, timeout=60)
     assert answer.status_code == 200 and answer.json()["state"] == runs.TORN_DOWN
     listed = {m.id: m for m in client.models.list()}
     assert listed[model_id(deployed_run)].serving == "asleep"

@@ -3,7 +3,9 @@
 A job is a trainer process (``python -m shared.backends.local.trainer``) in its own session, never
 run inside a function call; it logs to MLflow and reports its lifecycle as Azure ML's Event Grid
 events. An endpoint is a model-server process (``python -m shared.backends.local.server``) with
-its own port and key. Everything lives under the state dir:
+its own port and key; once it serves it writes ``ready`` to its state file and posts a "deployment
+ready" event to the events URL, so the run is finished at once rather than at the next sweep. Everything
+lives under the state dir:
 
     jobs/<job>/       job.json, status.json (written by the trainer), train.log
     endpoints/<ep>/   endpoint.json, key (0600), state.json (written by the server), server.log
@@ -293,12 +295,16 @@ class LocalBackend:
             args = ["--model-uri", model_uri, "--tracking-uri", self.settings.effective_tracking_uri,
                     "--port", str(port), "--key-file", str(key_file), "--state-file", str(ep_dir / "state.json"),
                     "--model-cache-dir", str(Path(self.settings.model_cache_dir).expanduser().resolve()),
-                    # the server's limits (TUNEDROP_MAX_NEW_TOKENS ... TUNEDROP_SERVER_QUEUE)
+                    # the server's limits (TUNEDROP_MAX_NEW_TOKENS ... TUNEDROP_SERVER_PREFIX_CACHE_TOKENS)
                     "--max-new-tokens", str(self.settings.max_new_tokens),
                     "--max-prompt-tokens", str(self.settings.max_prompt_tokens),
                     "--generation-timeout-s", str(self.settings.generation_timeout_s),
                     "--concurrency", str(self.settings.server_concurrency),
-                    "--queue", str(self.settings.server_queue)]
+                    "--queue", str(self.settings.server_queue),
+                    "--prefix-cache-tokens", str(self.settings.server_prefix_cache_tokens)]
+            if self.settings.events_url:  # it says when it is ready, so the run is finished at once (the sweep
+                # is the safety net); the local host's Event Grid route takes no key, so the URL holds no secret
+                args += ["--events-url", self.settings.events_url, "--endpoint-name", endpoint, "--run-id", run.run_id]
             pid = _spawn("shared.backends.local.server", args, ep_dir / "server.log")
             _write_json(ep_dir / "endpoint.json", {"pid": pid, "started": _started(pid), "port": port,
                                                    "model_uri": model_uri, "run_id": run.run_id})

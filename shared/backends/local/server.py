@@ -1,7 +1,7 @@
 """The local backend's online endpoint: one fine-tuned model behind an Azure ML-style scoring API.
 
 ``python -m shared.backends.local.server --model-uri URI --tracking-uri URI --port P
---key-file F --state-file S [--model-cache-dir D]``
+--key-file F --state-file S [--model-cache-dir D] [--events-url URL --endpoint-name E --run-id R]``
 
 Routes (127.0.0.1 only):
 
@@ -14,10 +14,13 @@ Routes (127.0.0.1 only):
 Both POST routes need ``Authorization: Bearer <key>``; the key is read from the key file and
 never logged. The state file reports ``ready`` (with pid and port) once the model is loaded
 and the port is listening, ``failed`` (with the error) if loading fails, ``stopped`` on SIGTERM.
+With ``--events-url`` it then also posts a ``DEPLOYMENT_READY`` event there (shared/events.py), so the app
+finishes run R's deployment at once instead of at its next sweep; best effort, in the background (a
+host that is down costs the server nothing: the sweep still finds the state file ``ready``).
 
 Every error is ``{"error": "<what, and what to do>", "code": "<code>"}``, never a trace (the codes and
 their statuses: SERVER_ANSWERS in shared/failures.py). The limits, ``--max-new-tokens`` ... ``--queue``
-(the settings TUNEDROP_MAX_NEW_TOKENS ... TUNEDROP_SERVER_QUEUE), and how requests take turns:
+(the settings TUNEDROP_MAX_NEW_TOKENS ... TUNEDROP_SERVER_QUEUE), and how requests are batched:
 shared/backends/local/generation.py.
 """
 
@@ -41,7 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from shared.backends.local.generation import Generator, Limits, Refused, Scheduler
+from shared.backends.local.reporting import post_event
 from shared.chat import ChatRequestError, conversation
+from shared.events import deployment_ready_event
 from shared.openai_api import ChatRequest, parse_chat_request
 
 MAX_BODY_BYTES = 1_048_576
@@ -367,6 +372,14 @@ def make_server(generator: Generator, key: bytes, limits: Limits, port: int = 0)
     return server
 
 
+def say_ready(events_url: str, endpoint_name: str, run_id: str) -> bool:
+    """Post this endpoint's DEPLOYMENT_READY event: two tries, 5 s each, never raising, the URL never logged."""
+    delivered = post_event(events_url, deployment_ready_event(endpoint_name=endpoint_name, run_id=run_id),
+                           attempts=2, timeout_s=5.0)
+    log("ready event delivered" if delivered else "ready event not delivered: the app's sweep will find this ready")
+    return delivered
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.backends.local.server", description=__doc__.split("\n")[0])
     parser.add_argument("--model-uri", required=True, help="models:/<name>/<version> or runs:/<id>/model")
@@ -375,8 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-file", type=Path, required=True, help="file holding the bearer key")
     parser.add_argument("--state-file", type=Path, required=True, help="JSON state written here")
     parser.add_argument("--model-cache-dir", type=Path, default=None, help="base model cache (TUNEDROP_MODEL_CACHE)")
+    parser.add_argument("--events-url", default="", help="post a DEPLOYMENT_READY event here once serving")
+    parser.add_argument("--endpoint-name", default="", help="the endpoint the ready event names")
+    parser.add_argument("--run-id", default="", help="the tunedrop run the ready event names")
     Limits.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.events_url and not (args.endpoint_name and args.run_id):
+        parser.error("--events-url needs --endpoint-name and --run-id")
     state_file: Path = args.state_file
     cache_dir = args.model_cache_dir or Path(
         os.environ.get("TUNEDROP_MODEL_CACHE") or Path.home() / ".cache" / "tunedrop"
@@ -416,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     write_state(state_file, {"state": "ready", "pid": pid, "port": args.port, "model_uri": args.model_uri})
     log(f"serving {args.model_uri} on 127.0.0.1:{args.port}: context window {generator.context_window} tokens, "
         f"{limits}")
+    if args.events_url:  # after the state file says ready: that, not the event, is what the app checks
+        threading.Thread(target=say_ready, args=(args.events_url, args.endpoint_name, args.run_id),
+                         daemon=True).start()
     while not stop.wait(1.0):
         pass
     log("stopping")

@@ -42,6 +42,18 @@ def autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
+def adamw(parameters, lr: float):
+    """AdamW, fused into one kernel per step where this torch has it for the parameters' device (it does for
+    CPUs since torch 2.4): the same update as the per-tensor loop, with fewer passes over the LoRA weights."""
+    import torch
+
+    parameters = list(parameters)
+    try:
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+
+
 def batch_loss_sum(model, batch: Batch):
     """Summed cross-entropy over the batch's target tokens (logits computed only where needed)."""
     import torch

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 from shared.backends.local.examples import collate, encode_conversation, length_grouped_batches
 from shared.backends.local.job_data import Data, job_limits, load_data
 from shared.backends.local.reporting import Progress, log, now, post_event, write_json_atomic
-from shared.backends.local.steps import autocast, batch_loss_sum, evaluate, lr_factor, use_bf16
+from shared.backends.local.steps import adamw, autocast, batch_loss_sum, evaluate, lr_factor, use_bf16
 from shared.events import RUN_ID_TAG, run_event
 from shared.throughput import record
 from shared.training import TrainingConfig
@@ -227,6 +227,9 @@ class Job:
                     task_type="CAUSAL_LM",
                 ),
             )
+            from shared.backends.local.lean_lora import make_lean
+
+            make_lean(model)
         return model, tokenizer, train_set, test_set
 
     def _loop(self, config: TrainingConfig, model, tokenizer, train_set: list, test_set: list,
@@ -247,7 +250,7 @@ class Job:
         total_steps = steps_per_epoch * config.num_train_epochs
         if config.max_steps > 0:
             total_steps = min(total_steps, config.max_steps)
-        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+        optimizer = adamw(trainable, config.learning_rate)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(config.lr_scheduler_type, s, total_steps)
         )
