@@ -123,10 +123,35 @@ def measure(targets: dict[str, tuple[str, dict]], concurrency: int, requests: in
     return out
 
 
-def start_baseline(ref: str, settings, endpoint_name: str, workdir: Path):
-    """The model server as it was at ``ref``, on the endpoint's model and key; (process, url) or None."""
+def _server_args(settings, endpoint_name: str, state: Path) -> tuple[list[str], Path]:
+    """The model server's arguments for the deployed endpoint's model and key (its port chosen here)."""
     from tunedrop.azurite import free_port
 
+    ep_dir = Path(settings.state_dir).resolve() / "endpoints" / endpoint_name
+    info, port = json.loads((ep_dir / "endpoint.json").read_text()), free_port()
+    return ["--model-uri", info["model_uri"], "--tracking-uri", settings.effective_tracking_uri, "--port", str(port),
+            "--key-file", str(ep_dir / "key"), "--state-file", str(state),
+            "--model-cache-dir", str(Path(settings.model_cache_dir).expanduser())], port
+
+
+def _launch(command: list[str], cwd: Path, pythonpath: Path, state: Path, log_path: Path, port: int, what: str):
+    """Starts a baseline server and waits for its state file to say ready: (process, url) or None."""
+    env = {**os.environ, "PYTHONPATH": str(pythonpath), "HF_HUB_OFFLINE": "1"}
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.exists() and json.loads(state.read_text()).get("state") == "ready":
+            return process, f"http://127.0.0.1:{port}/score"
+        time.sleep(0.2)
+    process.kill()
+    print(f"no baseline: {what} did not start (see {log_path})", file=sys.stderr)
+    return None
+
+
+def start_baseline(ref: str, settings, endpoint_name: str, workdir: Path):
+    """The model server as it was at ``ref`` (its server.py alone, over today's package), on the endpoint's model
+    and key; (process, url) or None."""
     try:
         source = subprocess.run(["git", "show", f"{ref}:shared/backends/local/server.py"], cwd=ROOT, check=True,
                                 capture_output=True, text=True).stdout
@@ -135,30 +160,14 @@ def start_baseline(ref: str, settings, endpoint_name: str, workdir: Path):
         return None
     script, state = workdir / "server_baseline.py", workdir / "baseline.state.json"
     script.write_text(source)
-    ep_dir = Path(settings.state_dir).resolve() / "endpoints" / endpoint_name
-    info, port = json.loads((ep_dir / "endpoint.json").read_text()), free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    with open(workdir / "baseline.log", "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(script), "--model-uri", info["model_uri"], "--tracking-uri",
-             settings.effective_tracking_uri, "--port", str(port), "--key-file", str(ep_dir / "key"),
-             "--state-file", str(state), "--model-cache-dir", str(Path(settings.model_cache_dir).expanduser())],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:
-        if state.exists() and json.loads(state.read_text()).get("state") == "ready":
-            return process, f"http://127.0.0.1:{port}/score"
-        time.sleep(0.2)
-    process.kill()
-    print(f"no baseline: its server did not start (see {workdir / 'baseline.log'})", file=sys.stderr)
-    return None
+    args, port = _server_args(settings, endpoint_name, state)
+    return _launch([sys.executable, str(script), *args], ROOT, ROOT, state, workdir / "baseline.log", port,
+                   f"{ref}'s server")
 
 
 def start_at_ref(ref: str, settings, endpoint_name: str, workdir: Path):
     """The model server of commit ``ref`` (its whole ``shared/`` package) on the endpoint's model, key and limits;
     (process, url) or None."""
-    from tunedrop.azurite import free_port
-
     tree = workdir / f"shared-{ref}"
     tree.mkdir()
     try:
@@ -167,24 +176,11 @@ def start_at_ref(ref: str, settings, endpoint_name: str, workdir: Path):
     except (OSError, subprocess.CalledProcessError) as exc:
         print(f"no baseline: {ref}'s shared/ cannot be read ({exc})", file=sys.stderr)
         return None
-    ep_dir = Path(settings.state_dir).resolve() / "endpoints" / endpoint_name
-    info, port, state = json.loads((ep_dir / "endpoint.json").read_text()), free_port(), workdir / f"{ref}.state.json"
-    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
-    with open(workdir / f"{ref}.log", "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "shared.backends.local.server", "--model-uri", info["model_uri"],
-             "--tracking-uri", settings.effective_tracking_uri, "--port", str(port), "--key-file", str(ep_dir / "key"),
-             "--state-file", str(state), "--model-cache-dir", str(Path(settings.model_cache_dir).expanduser()),
-             "--concurrency", str(settings.server_concurrency), "--queue", str(settings.server_queue)],
-            cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:
-        if state.exists() and json.loads(state.read_text()).get("state") == "ready":
-            return process, f"http://127.0.0.1:{port}/score"
-        time.sleep(0.2)
-    process.kill()
-    print(f"no baseline: {ref}'s server did not start (see {workdir / f'{ref}.log'})", file=sys.stderr)
-    return None
+    state = workdir / f"{ref}.state.json"
+    args, port = _server_args(settings, endpoint_name, state)
+    limits = ["--concurrency", str(settings.server_concurrency), "--queue", str(settings.server_queue)]
+    return _launch([sys.executable, "-m", "shared.backends.local.server", *args, *limits], tree, tree, state,
+                   workdir / f"{ref}.log", port, f"{ref}'s server")
 
 
 def limit_figures(url: str, key: str, short_requests: int, huge_timeout_s: float = 30) -> dict:

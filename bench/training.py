@@ -54,7 +54,7 @@ def ours(rows, steps: int, base_model: str, cache: Path, tmp: Path) -> dict:
             "job_name": "bench", "run_id": "bench", "experiment_name": "bench", "base_model": base_model,
             "model_cache_dir": str(cache), "dataset": {"container": "bench", "blob": "bench.jsonl", "etag": etag},
             "config": {**CONFIG, "max_steps": steps}, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
-            "events_url": None, "workspace_id": "bench"}))
+            "events_url": None, "workspace_id": "bench", "record_throughput": False}))
         subprocess.run([sys.executable, "-m", "shared.backends.local.trainer", str(job)], cwd=ROOT, env=env,
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         metrics = json.loads((job / "status.json").read_text())["metrics"]

@@ -275,3 +275,20 @@ def test_a_throughput_far_from_the_cached_one_replaces_it_and_a_near_one_is_aver
     assert measured(tmp_path, "m")["tokens_per_s"] == 300.0
     (tmp_path / "throughput.json").write_text("{not json")
     assert measured(tmp_path, "m") is None  # broken: not measured, never an error
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_benchmark_job_leaves_the_users_throughput_as_it_was(tmp_path, recorded):
+    import json
+
+    from shared.backends.local.trainer import Job
+    from shared.throughput import measured
+
+    spec = {"base_model": "m", "model_cache_dir": str(tmp_path), **({} if recorded else {"record_throughput": False})}
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    job = Job(tmp_path)
+    job.counted_tokens = 2000
+    job._record_throughput({"train_runtime_s": 10.0})
+    assert (measured(tmp_path, "m") is not None) == recorded
+    if recorded:
+        assert measured(tmp_path, "m")["tokens_per_s"] == 200.0

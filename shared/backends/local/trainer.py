@@ -130,8 +130,8 @@ class Job:
         of the job's wall time since it was submitted (start-up, imports, loading, evaluations, saving). Best
         effort: never fails the job."""
         trained, counted = metrics.get("train_runtime_s"), getattr(self, "counted_tokens", None)
-        if not trained or not counted:
-            return
+        if not trained or not counted or self.spec.get("record_throughput") is False:  # a benchmark's job: not
+            return  # the user's workload, so not the figure their next estimate should use
         rate = counted / trained  # in the estimate's own tokens: what the next estimate divides by
         try:
             # From the job's submission (its job.json), so that the process's start-up and imports count too
