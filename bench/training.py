@@ -117,29 +117,31 @@ def trl_baseline(rows, steps: int, base_model: str, cache: Path, tmp: Path, for_
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(steps: int = 60, base_model: str = "smollm2-135m-instruct") -> list[dict]:
+def run(steps: int = 60, base_model: str = "smollm2-135m-instruct", with_defaults: bool = True) -> list[dict]:
     from shared.settings import Settings
 
     cache = Path(Settings.from_env().model_cache_dir).expanduser()
     rows = conversations(count=int(steps / (1 - CONFIG["test_fraction"])) + 4)
     with tempfile.TemporaryDirectory(prefix="tunedrop-bench-train-") as tmp:
         defaults = {"trainer": "TRL SFTTrainer, its defaults",
-                    **trl_baseline(rows, steps, base_model, cache, Path(tmp), for_speed=False)}
+                    **trl_baseline(rows, steps, base_model, cache, Path(tmp), for_speed=False)} if with_defaults else None
         baseline = {"trainer": "TRL SFTTrainer, for speed (baseline)",
                     **trl_baseline(rows, steps, base_model, cache, Path(tmp), for_speed=True)}
         mine = {"trainer": "tunedrop trainer", **ours(rows, steps, base_model, cache, Path(tmp))}
-    for row in (defaults, baseline, mine):
+    rows = [row for row in (defaults, baseline, mine) if row]
+    for row in rows:
         row["speedup"] = row["tokens_per_s"] / baseline["tokens_per_s"]
-    return [defaults, baseline, mine]
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--without-defaults", action="store_true", help="leave out TRL at its defaults (5 min)")
     parser.add_argument("--base-model", default="smollm2-135m-instruct")
     args = parser.parse_args()
     started = time.perf_counter()
-    rows = run(args.steps, args.base_model)
+    rows = run(args.steps, args.base_model, not args.without_defaults)
     from shared.backends.local.steps import use_bf16
 
     print(f"{'fine-tune, LoRA r=16, seq 512, batch 1':<40} {'tok/s':>7} {'x base':>7} {'eval loss':>15} {'train s':>8}"
