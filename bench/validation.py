@@ -11,8 +11,8 @@ then runs every variant in its own child process and reads that child's peak RSS
                    dataset limits of the default settings, as ``check_dataset`` validates;
 * ``tunedrop+tok``: the same with token counting (SmolLM2's fast tokenizer, batched, one counting
                    thread per core beside the parsing), when the tokenizer is in the model cache;
-* ``tok-serial`` : its baseline, counting as before issue 18: the same batches of 2048 texts counted
-                   one after the other on the validator's thread (``len(e.ids)``);
+* ``tok-serial`` : its baseline, counting as before issue 18 part 6: batches of 2048 texts counted one
+                   after the other on the validator's thread (``len(e.ids)``, every text encoded);
 * ``tok-rayon``  : the baseline with the tokenizer's own Rust thread pool switched on
                    (TOKENIZERS_PARALLELISM=true), which the app keeps off (see shared/tokens.py);
 * ``pandas``     : the baseline, ``pandas.read_json(lines=True)`` then the same structural checks
@@ -23,8 +23,9 @@ then runs every variant in its own child process and reads that child's peak RSS
                    second, stricter ceiling; the validator's time is shown as a ratio to each.
 
 Every token variant runs with TOKENIZERS_PARALLELISM=false, as the app sets it, but ``tok-rayon``.
-The runs are interleaved (each round runs every variant once), so that load from other processes
-falls on all of them alike; the best time of the rounds is shown, with the CPU seconds the child used.
+The runs are interleaved (each round runs every variant once, every other round in reverse order), so
+that load from other processes falls on all of them alike; the best time of the rounds is shown, with
+the CPU seconds the child used, and the speed-up of ``tunedrop+tok`` round by round as well.
 Figures are printed, never asserted (they depend on the machine).
 """
 
@@ -87,8 +88,9 @@ def generate(path: Path, size_mb: int, seed: int = 7) -> int:
 
 
 class SerialCount:
-    """Token counting as it was before issue 18: no ``threads`` attribute, so the validator counts each
-    batch of 2048 texts on its own thread, and the ids of every encoding are built to be counted."""
+    """Token counting as it was before issue 18 part 6: no ``threads`` attribute, so the validator counts
+    each batch of 2048 texts on its own thread, every text is encoded, and the ids of every encoding are
+    built to be counted."""
 
     def __init__(self, fast) -> None:
         self.fast, self.method, self.exact = fast, fast.method, True
@@ -197,7 +199,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10,100", help="file sizes in MB, comma-separated")
     parser.add_argument("--no-tokens", action="store_true", help="skip the token-counting variant")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per variant; the best time is shown")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds, each running every variant once (every other round in reverse order); "
+                             "the best time is shown")
     parser.add_argument("--keep", type=Path, help="generate the files into this folder and keep them")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,12 +232,13 @@ def main() -> int:
                       f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             mb = path.stat().st_size / 1e6
             results = {}
-            rounds = [[run_child(v, path) for v in variants] for _ in range(args.repeat)]  # interleaved
-            for i, v in enumerate(variants):  # best time of --repeat runs (each its own process), highest peak RSS
-                tries = [r[i] for r in rounds]
+            rounds = [{v: run_child(v, path) for v in (variants if k % 2 == 0 else variants[::-1])}  # interleaved
+                      for k in range(args.repeat)]
+            for v in variants:  # best time of --repeat runs (each its own process), highest peak RSS
+                tries = [r[v] for r in rounds]
                 ok = [r for r in tries if "seconds" in r]
-                results[v] = (dict(min(ok, key=lambda r: r["seconds"]),
-                                   peak_rss_mb=max(r["peak_rss_mb"] for r in ok)) if ok else tries[0])
+                results[v] = (dict(min(ok, key=lambda r: r["seconds"]), peak_rss_mb=max(r["peak_rss_mb"] for r in ok),
+                                   rounds=[r.get("seconds") for r in tries]) if ok else tries[0])
             for v in variants:
                 r = results[v]
                 if "seconds" not in r:
@@ -262,7 +267,9 @@ def main() -> int:
                 for b in ("tok-serial", "tok-rayon"):
                     base = by.get((size, b)) or [None]
                     if base[0]:
-                        notes.append(f"{base[0] / secs:.2f}x faster than {b}")
+                        pairs = ", ".join(f"{x / y:.2f}" for x, y in zip(base[-1]["rounds"], extra["rounds"], strict=True)
+                                          if x and y)
+                        notes.append(f"{base[0] / secs:.2f}x faster than {b} (round by round: {pairs})")
                         if base[-1].get("tokens") != extra.get("tokens"):
                             notes.append(f"TOKEN COUNTS DIFFER from {b}")
             if v in ("tunedrop+tok", "tok-serial", "tok-rayon") and extra.get("tokens"):

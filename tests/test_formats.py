@@ -279,11 +279,11 @@ def test_fast_counts_are_those_of_a_plain_encode(model_cache, monkeypatch):
         def count(self, batch):
             return [len(tok._tok.encode(t, add_special_tokens=False).ids) for t in batch]
 
-    def counted(tokenizer) -> dict:
+    def counted(tokenizer) -> tuple[int, dict]:
         counter = TokenCounter(tokenizer, 200)
         for i in range(0, len(sample), 3):
             counter.add(i + 1, sample[i:i + 3])
-        return counter.stats(IssueLog(50))
+        return counter.kept_so_far(), counter.stats(IssueLog(50))  # as the trainer, then as the validator
 
     monkeypatch.setattr(token_count, "counting_threads", lambda: 2)
     monkeypatch.setattr(token_count, "TOKEN_BATCH", 64)

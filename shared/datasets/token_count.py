@@ -36,8 +36,8 @@ class TokenCounter:
 
     With a tokenizer that counts outside the GIL (``tokenizer.threads``, the fast tokenizer) and more
     than one core, batches of ``TOKEN_BATCH / cores`` texts are counted on a pool of one thread per
-    core while the caller goes on parsing, at most two batches per thread in flight (the texts of
-    those, and one batch's encodings per thread: TOKEN_BATCH texts' in all). Results are taken in
+    core while the caller goes on parsing, at most two batches per thread in flight (their texts; the
+    encodings of one batch per thread, TOKEN_BATCH texts' in all, as one serial batch). Results are taken in
     order, so every figure (and the first line over max_seq_length) is what serial counting gives;
     only ``total`` lags by the batches in flight until :meth:`stats` or :meth:`kept_so_far`.
     """
