@@ -126,6 +126,13 @@ class Settings:
         "Local backend: where the base model is cached after its one-time conversion from gguf.",
         "TUNEDROP_MODEL_CACHE",
     )
+    local_train_workers: int = _setting(
+        0, "Local backend: workers the trainer computes a step's micro-batches on, side by side "
+        "(`gradient_accumulation_steps` of them; SmolLM2 brings 2), each with the cores / workers intra-op threads. "
+        "It changes how fast a step runs, not what it computes (the gradients are summed as one worker would). "
+        "0: one per core. 1: one at a time on every core, as before.",
+        "TUNEDROP_LOCAL_TRAIN_WORKERS",
+    )
     mlflow_tracking_uri: str = _setting(
         "",
         "MLflow tracking and registry URI. Empty: `sqlite:///<state_dir>/mlflow.db` locally.",
@@ -437,7 +444,8 @@ class Settings:
                                 ("TUNEDROP_MAX_PROMPT_TOKENS", self.max_prompt_tokens, 0),
                                 ("TUNEDROP_SERVER_CONCURRENCY", self.server_concurrency, 1),
                                 ("TUNEDROP_SERVER_QUEUE", self.server_queue, 0),
-                                ("TUNEDROP_SERVER_PREFIX_CACHE_TOKENS", self.server_prefix_cache_tokens, 0)):
+                                ("TUNEDROP_SERVER_PREFIX_CACHE_TOKENS", self.server_prefix_cache_tokens, 0),
+                                ("TUNEDROP_LOCAL_TRAIN_WORKERS", self.local_train_workers, 0)):
             if value < low:
                 raise SettingsError(f"{env}={value} must be at least {low}.")
         if not self.generation_timeout_s > 0:

@@ -61,6 +61,7 @@ var tunedropSettings = {
   TUNEDROP_BASE_MODEL: baseModel
   TUNEDROP_STATE_DIR: '/tmp/tunedrop'
   TUNEDROP_MODEL_CACHE: '/tmp/tunedrop/models'
+  TUNEDROP_LOCAL_TRAIN_WORKERS: '0'
   MLFLOW_TRACKING_URI: ''
   TUNEDROP_MODEL_NAME: ''
   TUNEDROP_EVENTS_URL: ''

@@ -11,6 +11,7 @@ import pytest
 from shared.backends.local.examples import IGNORE_INDEX, encode_conversation, parse_dataset
 from shared.backends.local.models import TINY_RANDOM, resolve_base_model
 from shared.backends.local.steps import lr_factor
+from shared.backends.local.workers import plan
 from shared.events import RUN_COMPLETED, RUN_ID_TAG, RUN_STATUS_CHANGED, RunEvent
 from shared.split import split_examples
 from shared.training import TrainingConfig
@@ -292,3 +293,36 @@ def test_a_benchmark_job_leaves_the_users_throughput_as_it_was(tmp_path, recorde
     assert (measured(tmp_path, "m") is not None) == recorded
     if recorded:
         assert measured(tmp_path, "m")["tokens_per_s"] == 200.0
+
+
+def test_two_workers_train_what_one_worker_trains(storage_env, model_cache, tmp_path):
+    """Steps of 2 examples with TUNEDROP_LOCAL_TRAIN_WORKERS 2 and 1: the same losses step by step and the same
+    held-out loss (the workers change how fast a step runs, not what it computes), and the run says how it ran."""
+    from mlflow import MlflowClient
+
+    connection = storage_env["TUNEDROP_STORAGE"]
+    container = storage_env["TUNEDROP_TRAINING_CONTAINER"]
+    etag = upload(connection, container, "pairs.jsonl", dataset_bytes(conversations(40)))
+    config = {"max_steps": 6, "gradient_accumulation_steps": 2, "max_seq_length": 64, "lora_r": 4, "lora_alpha": 8,
+              "learning_rate": 1e-3}
+    runs = {}
+    for workers in (2, 1):
+        job_dir = tmp_path / f"job-{workers}"
+        job = write_job(job_dir, container=container, blob="pairs.jsonl", etag=etag, model_cache=model_cache,
+                        events_url=None, config=config)
+        (job_dir / "job.json").write_text(json.dumps({**job, "workers": workers}))
+        result = run_trainer(job_dir, connection)
+        log = (job_dir / "train.log").read_text()
+        assert result.returncode == 0, log
+        status = json.loads((job_dir / "status.json").read_text())
+        params = MlflowClient(job["tracking_uri"]).get_run(status["mlflow_run_id"]).data.params
+        planned = plan(workers, 2)  # (workers, threads each) on this machine's cores: (2, 1) and (1, 2) on two
+        assert (int(params["workers"]), int(params["threads_per_worker"])) == planned
+        assert f"{planned[0]} worker(s) x {planned[1]} thread(s)" in log
+        runs[workers] = (status["metrics"], [float(m) for m in re.findall(r"step \d+/6 loss ([\d.]+)", log)])
+    (two, two_losses), (one, one_losses) = runs[2], runs[1]
+    assert two["train_steps"] == one["train_steps"] == 6 and len(two_losses) == len(one_losses) == 6
+    assert two["train_tokens"] == one["train_tokens"]  # the same examples, 2 a step
+    assert two_losses == pytest.approx(one_losses, rel=1e-3)
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-3)
+    assert two["eval_loss"] < two["eval_loss_initial"]

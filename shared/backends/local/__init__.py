@@ -194,6 +194,7 @@ class LocalBackend:
                 "workspace_id": self.settings.workspace_id,
                 # the dataset limits this app's settings set, whatever the trainer's environment says
                 "limits": {name: getattr(self.settings, name) for name in LIMIT_SETTINGS},
+                "workers": self.settings.local_train_workers,
             }
             _write_json(job_dir / "job.json", spec)
             pid = _spawn("shared.backends.local.trainer", [str(job_dir)], job_dir / "train.log")

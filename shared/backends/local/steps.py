@@ -70,16 +70,26 @@ def batch_loss_sum(model, batch: Batch):
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def evaluate(model, batches: Iterable[Batch], bf16: bool = False) -> float | None:
+def loss_sums(model, batches: Iterable[Batch], bf16: bool = False) -> tuple[float, int]:
+    """(summed loss, target tokens) over ``batches``, without gradients, on the calling thread."""
     import torch
 
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
     with torch.no_grad(), autocast(bf16):
         for batch in batches:
             if batch.targets:
                 total += float(batch_loss_sum(model, batch))
                 count += batch.targets
-    model.train(was_training)
+    return total, count
+
+
+def evaluate(model, batches: Iterable[Batch], bf16: bool = False, workers=None) -> float | None:
+    """Mean loss per target token over ``batches`` in eval mode; shared out by ``workers``
+    (:class:`shared.backends.local.workers.StepWorkers`) where given."""
+    was_training = model.training
+    model.eval()
+    try:
+        total, count = workers.loss_sums(model, list(batches), bf16) if workers else loss_sums(model, batches, bf16)
+    finally:
+        model.train(was_training)
     return total / count if count else None

@@ -9,7 +9,8 @@
      optional "artifact_location" (for a new experiment; default: mlartifacts/ beside a SQLite
      database), optional "events_attempts" (default 5),
      optional "limits": {"max_eval_examples", "max_dataset_bytes", ...} (default: the settings in
-     the environment the backend spawned it with)}
+     the environment the backend spawned it with), optional "workers" (a step's micro-batches computed side
+     by side, workers.py; 0 or absent: one per core)}
 
 The job reports as an Azure ML job does: ``JOB_DIR/status.json`` (Running, then Completed,
 Failed or Canceled on SIGTERM) and Azure ML-shaped run events posted to ``events_url``. It
@@ -46,7 +47,8 @@ from typing import Any, Sequence
 from shared.backends.local.examples import collate, encode_conversation, length_grouped_batches
 from shared.backends.local.job_data import Data, job_limits, load_data
 from shared.backends.local.reporting import Progress, log, now, post_event, write_json_atomic
-from shared.backends.local.steps import adamw, autocast, batch_loss_sum, evaluate, lr_factor, use_bf16
+from shared.backends.local.steps import adamw, evaluate, lr_factor, use_bf16
+from shared.backends.local.workers import StepWorkers, plan
 from shared.events import RUN_ID_TAG, run_event
 from shared.throughput import record
 from shared.training import TrainingConfig
@@ -74,6 +76,7 @@ class Job:
         self.mlflow_run_id: str | None = None
         self._poster: threading.Thread | None = None
         self.progress = Progress(job_dir / "progress.json")
+        self.workers: StepWorkers | None = None
 
     def status(self, state: str, **fields: Any) -> None:
         write_json_atomic(
@@ -175,7 +178,11 @@ class Job:
         self.progress.update("loading")
         data = load_data(self.spec, self.dir, config, job_limits(self.spec))
         model, tokenizer, train_set, test_set = self._build(config, data.train, data.evaluated)
-        metrics = self._loop(config, model, tokenizer, train_set, test_set, data)
+        try:
+            metrics = self._loop(config, model, tokenizer, train_set, test_set, data)
+        finally:
+            if self.workers is not None:
+                self.workers.close()
         self.progress.update("saving")
         self._save(config, model, tokenizer)
         self.counted_tokens = self._counted_as_estimated(config, data.train, metrics.get("train_steps", 0))
@@ -250,6 +257,8 @@ class Job:
         total_steps = steps_per_epoch * config.num_train_epochs
         if config.max_steps > 0:
             total_steps = min(total_steps, config.max_steps)
+        workers, threads = plan(int(spec.get("workers") or 0), accum)
+        self.workers = StepWorkers(workers, threads)
         optimizer = adamw(trainable, config.learning_rate)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(config.lr_scheduler_type, s, total_steps)
@@ -278,19 +287,22 @@ class Job:
                 "trainable_parameters": n_trainable,
                 "total_steps": total_steps,
                 "bf16_autocast": bf16,
+                "workers": workers,
+                "threads_per_worker": threads,
             }
         )
         metrics: dict[str, Any] = {"train_examples": data.train_examples, "test_examples": data.held_out,
                                    "eval_examples": len(test_set)}
         self.progress.update("evaluating_base", total_steps=total_steps, step=0)
-        initial = evaluate(model, eval_batches, bf16)
+        initial = evaluate(model, eval_batches, bf16, self.workers)
         self.progress.update("training", eval_loss_initial=initial)
         if initial is not None:
             metrics["eval_loss_initial"] = initial
             mlflow.log_metric("eval_loss_initial", initial, step=0)
             log(f"eval_loss_initial {initial:.4f}")
 
-        log(f"training {total_steps} steps, {n_trainable:,} trainable parameters, {'bf16' if bf16 else 'fp32'}")
+        log(f"training {total_steps} steps, {n_trainable:,} trainable parameters, {'bf16' if bf16 else 'fp32'}, "
+            f"{workers} worker(s) x {threads} thread(s)")
         model.train()
         rng = random.Random(config.seed)
         lengths = [len(ids) for ids, _ in train_set]
@@ -300,8 +312,9 @@ class Job:
         for _ in range(config.num_train_epochs):
             if step >= total_steps:
                 break
-            batches = [collate([train_set[i] for i in b], pad_id) for b in length_grouped_batches(lengths, bs, rng)]
-            windows = [batches[k : k + accum] for k in range(0, len(batches), accum)]
+            # A step's examples are of similar lengths: little padding, and its workers finish together
+            windows = [[collate([train_set[i] for i in group[k : k + bs]], pad_id) for k in range(0, len(group), bs)]
+                       for group in length_grouped_batches(lengths, bs * accum, rng)]
             for window in windows:
                 if step >= total_steps:
                     break
@@ -309,13 +322,8 @@ class Job:
                 targets = sum(b.targets for b in window)
                 if not targets:
                     continue
-                loss_total = 0.0
-                for batch in window:
-                    with autocast(bf16):
-                        loss = batch_loss_sum(model, batch) / targets
-                    loss.backward()
-                    loss_total += float(loss.detach())
-                    tokens_seen += batch.tokens
+                loss_total = self.workers.gradients(model, trainable, window, targets, bf16)
+                tokens_seen += sum(b.tokens for b in window)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
@@ -342,7 +350,7 @@ class Job:
             }
         )
         self.progress.update("evaluating", eta_s=0.0)
-        final = evaluate(model, eval_batches, bf16)
+        final = evaluate(model, eval_batches, bf16, self.workers)
         if final is not None:
             metrics["eval_loss"] = final
             log(f"eval_loss {final:.4f}")
