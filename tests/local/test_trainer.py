@@ -193,7 +193,9 @@ def test_schedules():
 
 def test_evaluation_is_a_capped_seeded_sample_logged_as_params(storage_env, model_cache, tmp_path):
     """A large held-out split with max_steps=2: a sample of max_eval_examples is evaluated, a few training
-    examples tokenised, and the run says so (it used to tokenise and evaluate the whole split)."""
+    examples tokenised, and the run says so (it used to tokenise and evaluate the whole split). Its steps of 2
+    examples run on job.json's "workers" 2 (TUNEDROP_LOCAL_TRAIN_WORKERS), which the run reports too; that two
+    workers compute what one does is tests/local/test_workers.py's, on the same model in one process."""
     from mlflow import MlflowClient
 
     connection = storage_env["TUNEDROP_STORAGE"]
@@ -201,10 +203,11 @@ def test_evaluation_is_a_capped_seeded_sample_logged_as_params(storage_env, mode
     rows = conversations(400)
     etag = upload(connection, container, "many.jsonl", dataset_bytes(rows))
     job_dir = tmp_path / "job"
-    config = {"max_steps": 2, "test_fraction": 0.5, "max_seq_length": 64, "lora_r": 4, "lora_alpha": 8}
+    config = {"max_steps": 2, "test_fraction": 0.5, "max_seq_length": 64, "lora_r": 4, "lora_alpha": 8,
+              "gradient_accumulation_steps": 2}
     job = write_job(job_dir, container=container, blob="many.jsonl", etag=etag, model_cache=model_cache,
                     events_url=None, config=config)
-    (job_dir / "job.json").write_text(json.dumps({**job, "limits": {"max_eval_examples": 5}}))
+    (job_dir / "job.json").write_text(json.dumps({**job, "limits": {"max_eval_examples": 5}, "workers": 2}))
     result = run_trainer(job_dir, connection)
     log = (job_dir / "train.log").read_text()
     assert result.returncode == 0, log
@@ -217,8 +220,11 @@ def test_evaluation_is_a_capped_seeded_sample_logged_as_params(storage_env, mode
     params = MlflowClient(job["tracking_uri"]).get_run(status["mlflow_run_id"]).data.params
     assert (params["eval_examples"], params["eval_sampled"], params["max_eval_examples"]) == ("5", "True", "5")
     assert params["test_examples"] == str(held_out)
-    # 2 steps of 1 example need 2; a quarter more and 8 spares are tokenised, not the ~200 of the train split
-    assert int(params["train_examples_tokenised"]) <= 10 < int(params["train_examples"])
+    # 2 steps of 2 examples need 4; a quarter more and 8 spares are tokenised, not the ~200 of the train split
+    assert int(params["train_examples_tokenised"]) <= 13 < int(params["train_examples"])
+    planned = plan(2, 2)  # (workers, threads each) on this machine's cores: (2, 1) on two
+    assert (int(params["workers"]), int(params["threads_per_worker"])) == planned
+    assert f"{planned[0]} worker(s) x {planned[1]} thread(s)" in log and len(re.findall(r"step \d+/2 loss", log)) == 2
 
 
 def test_the_job_reads_the_sample_the_azure_split_writer_writes_and_no_more_than_the_limits(storage_env, tmp_path):
@@ -294,30 +300,3 @@ def test_a_benchmark_job_leaves_the_users_throughput_as_it_was(tmp_path, recorde
     if recorded:
         assert measured(tmp_path, "m")["tokens_per_s"] == 200.0
 
-
-def test_a_job_computes_its_steps_on_the_workers_it_is_given(storage_env, model_cache, tmp_path):
-    """Steps of 2 examples with job.json's "workers" 2 (TUNEDROP_LOCAL_TRAIN_WORKERS): the run says how it ran (its
-    MLflow params, its log), runs its 6 steps and learns. That two workers compute what one does is
-    tests/local/test_workers.py's, on the same model in one process."""
-    from mlflow import MlflowClient
-
-    connection = storage_env["TUNEDROP_STORAGE"]
-    container = storage_env["TUNEDROP_TRAINING_CONTAINER"]
-    etag = upload(connection, container, "pairs.jsonl", dataset_bytes(conversations(40)))
-    config = {"max_steps": 6, "gradient_accumulation_steps": 2, "max_seq_length": 64, "lora_r": 4, "lora_alpha": 8,
-              "learning_rate": 1e-3}
-    job_dir = tmp_path / "job"
-    job = write_job(job_dir, container=container, blob="pairs.jsonl", etag=etag, model_cache=model_cache,
-                    events_url=None, config=config)
-    (job_dir / "job.json").write_text(json.dumps({**job, "workers": 2}))
-    result = run_trainer(job_dir, connection)
-    log = (job_dir / "train.log").read_text()
-    assert result.returncode == 0, log
-    status = json.loads((job_dir / "status.json").read_text())
-    params = MlflowClient(job["tracking_uri"]).get_run(status["mlflow_run_id"]).data.params
-    planned = plan(2, 2)  # (workers, threads each) on this machine's cores: (2, 1) on two
-    assert (int(params["workers"]), int(params["threads_per_worker"])) == planned
-    assert f"{planned[0]} worker(s) x {planned[1]} thread(s)" in log
-    metrics = status["metrics"]
-    assert metrics["train_steps"] == 6 and len(re.findall(r"step \d+/6 loss", log)) == 6
-    assert metrics["eval_loss"] < metrics["eval_loss_initial"]
